@@ -1,0 +1,27 @@
+"""The one value that flows from a backbone to a head."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Features:
+    """Multi-layer backbone output.
+
+    Attributes:
+        maps: one ``(B, C_i, h_i, w_i)`` map per requested layer, shallow to deep.
+        cls: one ``(B, C_i)`` class token per layer for ViTs, ``None`` for ConvNeXt.
+        strides: input pixels per feature cell of each map (16 for every ViT layer; 4/8/16/32 for ConvNeXt).
+        channels: ``C_i`` of each map.
+        patch_size: the ViT patch size (16), or the ConvNeXt stem stride (4).
+        padded_size: ``(H, W)`` of the input after bottom/right padding to a multiple of the
+            backbone's stride; the maps cover this size, the original image is its top-left corner.
+    """
+
+    maps: list[torch.Tensor]
+    cls: list[torch.Tensor] | None
+    strides: list[int]
+    channels: list[int]
+    patch_size: int
+    padded_size: tuple[int, int] = field(default=(0, 0))
