@@ -1,0 +1,7 @@
+"""Lightning tasks pairing a backbone with a head, its loss and its metrics; inference helpers."""
+
+from .base import DenseTask
+from .classification import ClassificationTask
+from .segmentation import SegmentationTask
+
+__all__ = ["ClassificationTask", "DenseTask", "SegmentationTask"]

@@ -1,0 +1,112 @@
+"""The Lightning module shared by every task: backbone + head, the training step, optimizer, logging."""
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from backbones import build_backbone
+
+from .optim import build_optimizer
+
+
+class DenseTask(L.LightningModule):
+    """Pairs a DINOv3 backbone with a head; subclasses add validation metrics and pictures.
+
+    The module is built from plain dicts (the resolved Hydra config), which are saved in every checkpoint,
+    so a checkpoint alone rebuilds the model.
+
+    Args:
+        backbone: keyword arguments of ``backbones.build_backbone``.
+        head: ``{"_target_": "heads.X", ...}``; ``in_channels``, ``strides`` (and ``num_classes`` if the task
+            has classes) are filled in from the backbone and the data.
+        optim: keyword arguments of ``tasks.optim.build_optimizer`` (lr, weight_decay, warmup_steps, ...).
+        num_classes, class_names: the label space (None for depth).
+        vis_dir: where validation pictures go (None: no pictures).
+    """
+
+    targets: tuple[str, ...] = ()
+
+    def __init__(self, backbone: dict, head: dict, optim: dict | None = None, num_classes: int | None = None,
+                 class_names: list[str] | None = None, vis_dir: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = build_backbone(**backbone)
+        extra = {"num_classes": num_classes} if num_classes is not None else {}
+        self.head = instantiate(dict(head), in_channels=list(self.backbone.channels),
+                                strides=list(self.backbone.strides), **extra)
+        self.optim = dict(optim or {})
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else None
+        self.vis_dir = Path(vis_dir) if vis_dir else None
+
+    # ----------------------------------------------------------------- model
+    def pad_to_stride(self, images: torch.Tensor) -> torch.Tensor:
+        """Pad ``(B, 3, H, W)`` bottom/right with zeros to a multiple of the backbone stride."""
+        multiple = self.backbone.pad_to
+        pad_h, pad_w = (-images.shape[-2]) % multiple, (-images.shape[-1]) % multiple
+        return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+
+    def forward(self, images: torch.Tensor):
+        """Raw head outputs for ``(B, 3, H, W)`` images whose sides are multiples of the backbone stride."""
+        features = self.backbone(images)
+        return self.head(features, features.padded_size)
+
+    def dense(self, images: torch.Tensor) -> torch.Tensor:
+        """Dense prediction ``(B, C, H, W)`` at the input size (class scores or depth), padding handled."""
+        height, width = images.shape[-2:]
+        padded = self.pad_to_stride(images)
+        prediction = self.head.predict(self(padded), tuple(padded.shape[-2:]))
+        return prediction[..., :height, :width]
+
+    # -------------------------------------------------------------- training
+    def batch_targets(self, batch: dict, image_size: tuple[int, int]) -> dict:
+        """The head's targets from a batch, padded like the images (masks with 255, depth with 0)."""
+        targets = {}
+        for key in self.targets:
+            value = batch[key]
+            if key in ("mask", "depth"):
+                pad_h, pad_w = image_size[0] - value.shape[-2], image_size[1] - value.shape[-1]
+                value = F.pad(value, (0, pad_w, 0, pad_h), value=255 if key == "mask" else 0)
+            targets[key] = value
+        if "boxes" in self.targets:
+            targets["labels"] = batch["labels"]
+        return targets
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images = self.pad_to_stride(batch["image"])
+        outputs = self(images)
+        losses = self.head.loss(outputs, self.batch_targets(batch, tuple(images.shape[-2:])))
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v)}
+            files = [m.get("file") for m in batch.get("meta", [])]
+            raise FloatingPointError(f"non-finite loss at step {self.global_step}: {bad}; batch files: {files}. "
+                                     "Lower optim.lr, check the labels, or use trainer.gradient_clip_val.")
+        batch_size = images.shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        return total
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leave the backbone's untrained weights out: they come back from ``backbone.weights`` on load."""
+        trained = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("backbone.") and k not in trained]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith("backbone.") and key not in state:
+                state[key] = value
+
+    def configure_optimizers(self):
+        total = self.trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else self.optim.get("warmup_steps", 0) + 1
+        return build_optimizer(self.head, self.backbone, total, **self.optim)

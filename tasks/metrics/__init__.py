@@ -1,0 +1,1 @@
+"""torchmetrics-based metrics, one module per task kind."""

@@ -1,0 +1,56 @@
+"""AdamW with head / backbone parameter groups and a warmup + cosine (or poly) schedule."""
+
+import math
+
+import torch
+from torch import nn
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    return param.ndim <= 1 or name.endswith((".bias", "cls_token", "reg_token", "query_embed.weight",
+                                               "query_feat.weight", "level_embed"))
+
+
+def param_groups(head: nn.Module, backbone: nn.Module, lr: float, weight_decay: float,
+                 backbone_lr_mult: float) -> list[dict]:
+    """Four groups: head / backbone x decay / no decay (biases, norms, tokens, embeddings). Frozen params are left out."""
+    groups = []
+    for module, module_lr, prefix in ((head, lr, "head"), (backbone, lr * backbone_lr_mult, "backbone")):
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        decay = [p for n, p in named if not _no_decay(n, p)]
+        no_decay = [p for n, p in named if _no_decay(n, p)]
+        if decay:
+            groups.append({"params": decay, "lr": module_lr, "weight_decay": weight_decay, "name": f"{prefix}"})
+        if no_decay:
+            groups.append({"params": no_decay, "lr": module_lr, "weight_decay": 0.0, "name": f"{prefix}_no_decay"})
+    return groups
+
+
+def warmup_schedule(total_steps: int, warmup_steps: int, warmup_ratio: float = 1e-3, schedule: str = "cosine",
+                    min_lr_ratio: float = 0.0, power: float = 1.0):
+    """``step -> lr factor``: linear warmup from ``warmup_ratio`` to 1, then cosine or poly decay to ``min_lr_ratio``."""
+    if schedule not in ("cosine", "poly", "constant"):
+        raise ValueError(f"unknown schedule {schedule!r}; valid: cosine, poly, constant")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return warmup_ratio + (1.0 - warmup_ratio) * step / max(warmup_steps, 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else (1.0 - progress) ** power
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+    return factor
+
+
+def build_optimizer(head: nn.Module, backbone: nn.Module, total_steps: int, lr: float = 1e-3,
+                    weight_decay: float = 1e-3, backbone_lr_mult: float = 0.1, betas=(0.9, 0.999),
+                    warmup_steps: int = 0, warmup_ratio: float = 1e-3, schedule: str = "cosine",
+                    min_lr_ratio: float = 0.0, power: float = 1.0):
+    """AdamW + a per-step ``LambdaLR``, in the form Lightning's ``configure_optimizers`` returns."""
+    optimizer = torch.optim.AdamW(param_groups(head, backbone, lr, weight_decay, backbone_lr_mult), lr=lr,
+                                  betas=tuple(betas))
+    factor = warmup_schedule(total_steps, warmup_steps, warmup_ratio, schedule, min_lr_ratio, power)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,64 @@
+"""Semantic segmentation: any head whose ``predict`` gives per-pixel class scores."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import DenseTask
+from .inference import slide_inference, whole_inference
+from .metrics.segmentation import SegmentationMetrics
+from .visualize import colorize_labels, denormalize, save_panels
+
+
+class SegmentationTask(DenseTask):
+    """Trains on ``mask`` targets; validates with mIoU / pixel accuracy over the whole set.
+
+    Args:
+        eval_mode: ``whole`` or ``slide`` (sliding window of ``eval_crop`` every ``eval_stride``).
+        eval_batch_size: crops per forward in sliding-window validation.
+        num_vis: images in the validation picture (image | ground truth | prediction per row).
+    """
+
+    targets = ("mask",)
+
+    def __init__(self, *args, eval_mode: str = "whole", eval_crop: int = 512, eval_stride: int = 341,
+                 eval_batch_size: int = 8, num_vis: int = 4, **kwargs):
+        super().__init__(*args, **kwargs)
+        if eval_mode not in ("whole", "slide"):
+            raise ValueError(f"eval_mode must be 'whole' or 'slide', got {eval_mode!r}")
+        self.eval_mode, self.eval_crop, self.eval_stride = eval_mode, eval_crop, eval_stride
+        self.eval_batch_size, self.num_vis = eval_batch_size, num_vis
+        self.val_metrics = SegmentationMetrics(self.num_classes)
+        self._vis_rows: list[list[np.ndarray]] = []
+
+    def predict_scores(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Class scores ``(K, H_i, W_i)`` for each normalized ``(3, H_i, W_i)`` image."""
+        if self.eval_mode == "slide":
+            return slide_inference(self.dense, images, self.eval_crop, self.eval_stride, self.eval_batch_size)
+        return whole_inference(self.dense, images, self.eval_batch_size)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images = [image[:, :h, :w] for image, (h, w) in zip(batch["image"], (m["image_size"] for m in batch["meta"]))]
+        for image, scores, mask, meta in zip(images, self.predict_scores(images), batch["mask"], batch["meta"]):
+            height, width = meta["orig_size"]
+            mask = mask[:height, :width]
+            if scores.shape[-2:] != mask.shape:
+                scores = F.interpolate(scores[None], mask.shape, mode="bilinear", align_corners=False)[0]
+            prediction = scores.argmax(0)
+            self.val_metrics.update(prediction[None], mask[None])
+            if len(self._vis_rows) < self.num_vis and self.vis_dir is not None:
+                picture = denormalize(image)
+                if picture.shape[:2] != mask.shape:
+                    picture = np.asarray(F.interpolate(torch.from_numpy(picture).permute(2, 0, 1)[None].float(),
+                                                       mask.shape)[0].permute(1, 2, 0).byte())
+                self._vis_rows.append([picture, colorize_labels(mask.cpu().numpy(), self.num_classes),
+                                       colorize_labels(prediction.cpu().numpy(), self.num_classes)])
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.log("val/mIoU", results["mIoU"], prog_bar=True, sync_dist=False)
+        self.log("val/acc", results["acc"], sync_dist=False)
+        if self._vis_rows and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            save_panels(self._vis_rows, self.vis_dir / f"val_step{self.global_step:07d}.png")
+        self._vis_rows = []
