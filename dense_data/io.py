@@ -22,15 +22,11 @@ def _open(path: Path) -> Image.Image:
 
 
 def to_rgb_uint8(image: Image.Image) -> np.ndarray:
-    """Any PIL image (grayscale, RGBA, palette, 16-bit) as ``(H, W, 3)`` uint8 RGB."""
+    """Any PIL image (grayscale, RGBA: alpha dropped, palette, 16-bit: scaled) as ``(H, W, 3)`` uint8 RGB."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         scale = 65535.0 if array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / scale * 255.0, 0, 255).astype(np.uint8))
-    if image.mode == "RGBA":
-        background = Image.new("RGB", image.size, (0, 0, 0))
-        background.paste(image, mask=image.split()[-1])
-        image = background
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 

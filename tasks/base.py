@@ -94,13 +94,18 @@ class DenseTask(L.LightningModule):
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Leave the backbone's untrained weights out: they come back from ``backbone.weights`` on load."""
+        """Record the task class; leave out backbone weights that training did not change when they can be
+        re-read from ``backbone.weights`` (a random-init backbone is always kept)."""
+        checkpoint["task_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if not self.hparams.backbone.get("weights"):
+            return
         trained = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("backbone.") and k not in trained]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Fill the backbone weights left out of the checkpoint from the freshly built backbone."""
         state = checkpoint["state_dict"]
         for key, value in self.state_dict().items():
             if key.startswith("backbone.") and key not in state:
