@@ -1,0 +1,121 @@
+"""Mask2Former head cost vs. frozen DINOv3 backbone cost, per image.
+
+For each backbone (random init, nothing downloaded) this times
+- the frozen backbone forward (``forward_intermediates``, 4 layers, final norm, no grad), and
+- the head forward + loss + backward on those features (4 maps at stride 16, ADE20K-like targets),
+and prints seconds per image and the ratio head / backbone.
+
+    python benchmarks/m2f_head.py --device cpu --iters 1 --backbones s
+    python benchmarks/m2f_head.py --device cuda --iters 20 --amp
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backbones.features import Features  # noqa: E402
+from heads.mask2former import Mask2FormerHead  # noqa: E402
+
+BACKBONES = {
+    "s": ("vit_small_patch16_dinov3", [2, 5, 8, 11]),
+    "l": ("vit_large_patch16_dinov3", [4, 11, 17, 23]),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, iters: int, warmup: int) -> float:
+    """Mean seconds of ``fn()`` over ``iters`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def ade_like_masks(batch: int, size: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    """Piecewise-constant label maps with ~10 classes and a little ignore, (B, H, W)."""
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randint(0, 10, (batch, 1, 8, 8), generator=g).float()
+    classes = torch.randperm(num_classes, generator=g)[:10].float()
+    mask = torch.nn.functional.interpolate(coarse, size=(size, size), mode="nearest")[:, 0].long()
+    mask = classes[mask].long()
+    mask[:, : size // 32] = 255
+    return mask.to(device)
+
+
+def bench(name: str, indices: list[int], args, device: torch.device) -> None:
+    import timm
+
+    backbone = timm.create_model(name, num_classes=0, pretrained=False).to(device).eval().requires_grad_(False)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else contextlib.nullcontext()
+
+    def backbone_forward():
+        with torch.no_grad(), amp:
+            return backbone.forward_intermediates(
+                x, indices=indices, norm=True, return_prefix_tokens=True, intermediates_only=True
+            )
+
+    t_backbone = timed(backbone_forward, device, args.iters, args.warmup)
+    inter = backbone_forward()
+    maps = [m.float() for m, _ in inter]
+    channels = [m.shape[1] for m in maps]
+    feats = Features(maps=maps, cls=[p[:, 0].float() for _, p in inter], strides=[16] * 4, channels=channels,
+                     patch_size=16, padded_size=(args.size, args.size))
+
+    head = Mask2FormerHead(channels, feats.strides, num_classes=args.num_classes, hidden_dim=args.hidden).to(device).train()
+    targets = {"mask": ade_like_masks(args.batch, args.size, args.num_classes, device)}
+
+    def head_step():
+        with amp:
+            out = head(feats, (args.size, args.size))
+            loss = sum(head.loss(out, targets).values())
+        loss.backward()
+        head.zero_grad(set_to_none=True)
+
+    t_head = timed(head_step, device, args.iters, args.warmup)
+    n_params = sum(p.numel() for p in head.parameters())
+    n_bb = sum(p.numel() for p in backbone.parameters())
+    per_img = 1.0 / args.batch
+    print(
+        f"{name}: backbone {n_bb / 1e6:.1f}M params fwd {t_backbone * per_img * 1e3:.1f} ms/img | "
+        f"M2F head (hidden {args.hidden}) {n_params / 1e6:.2f}M params fwd+bwd {t_head * per_img * 1e3:.1f} ms/img | "
+        f"ratio head/backbone {t_head / t_backbone:.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--num-classes", type=int, default=150)
+    parser.add_argument("--backbones", default="s,l", help="comma list of: " + ",".join(BACKBONES))
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast for backbone and head")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"device {device}, batch {args.batch}, {args.size}px, iters {args.iters}, amp {args.amp}")
+    for key in args.backbones.split(","):
+        bench(*BACKBONES[key.strip()], args, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Hungarian matching of mask queries to target masks (Mask2Former).
+
+The cost of pairing query ``q`` with target ``t`` is
+``cost_class * (-p_q[class_t]) + cost_mask * BCE(q, t) + cost_dice * Dice(q, t)``, where the mask
+terms are averaged over ``num_points`` points drawn uniformly in the image (the same points for every
+query and target of the image). Pixels marked invalid (``valid == 0``, i.e. label 255) are left out
+of the point averages: each point carries the bilinearly sampled validity as a weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+
+def point_sample(inputs: Tensor, coords: Tensor, **grid_sample_kwargs) -> Tensor:
+    """Bilinearly read ``inputs`` ``(N, C, H, W)`` at ``coords`` ``(N, P, 2)`` in ``[0, 1]`` ``(x, y)`` -> ``(N, C, P)``."""
+    grid_sample_kwargs.setdefault("align_corners", False)
+    return F.grid_sample(inputs, 2.0 * coords[:, :, None, :] - 1.0, **grid_sample_kwargs).squeeze(3)
+
+
+def sample_targets(masks: Tensor, valid: Tensor | None, coords: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Targets and point weights at ``coords``.
+
+    Args:
+        masks: ``(N, H, W)`` binary target masks.
+        valid: ``(N, H, W)`` (or broadcastable ``(1, H, W)``) 1 where the label is known, or None.
+        coords: ``(N, P, 2)`` (or ``(1, P, 2)`` shared).
+
+    Returns:
+        ``labels (N, P)`` in ``[0, 1]`` and ``weights (N, P)`` or None. Ignored pixels have weight 0; a
+        point between a labelled and an ignored pixel gets a fractional weight and its label is
+        renormalised over the labelled neighbours only (``label / weight``). The image border
+        counts as valid (``padding_mode="border"``), so with no ignored pixel every weight is 1.
+    """
+    n = masks.shape[0]
+    coords_t = coords.expand(n, -1, -1) if coords.shape[0] != n else coords
+    labels = point_sample(masks[:, None].float(), coords_t).squeeze(1)
+    if valid is None:
+        return labels, None
+    v = valid.float()[:, None]
+    coords_v = coords.expand(v.shape[0], -1, -1) if coords.shape[0] != v.shape[0] else coords
+    weights = point_sample(v, coords_v, padding_mode="border").squeeze(1).expand_as(labels)
+    labels = torch.where(weights > 0, labels / weights.clamp(min=1e-6), torch.zeros_like(labels)).clamp(0.0, 1.0)
+    return labels, weights
+
+
+def pairwise_sigmoid_ce(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean-over-points BCE of every (query, target) pair: ``(Q, P)``, ``(N, P)``, weights ``(P,)`` -> ``(Q, N)``."""
+    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    if weights is None:
+        norm = logits.shape[1]
+        return (pos / norm) @ labels.T + (neg / norm) @ (1 - labels).T
+    w = weights / weights.sum().clamp(min=1e-6)
+    return (pos * w) @ labels.T + (neg * w) @ (1 - labels).T
+
+
+def pairwise_dice(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``1 - (2 |p t| + 1) / (|p| + |t| + 1)`` for every pair: ``(Q, P)``, ``(N, P)`` -> ``(Q, N)``."""
+    probs = logits.sigmoid()
+    if weights is not None:
+        probs = probs * weights
+        t_sum = (labels * weights).sum(-1)
+    else:
+        t_sum = labels.sum(-1)
+    numerator = 2 * probs @ labels.T
+    denominator = probs.sum(-1)[:, None] + t_sum[None, :]
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one matching of ``Q`` queries to the ``N_i`` targets of each image.
+
+    Args:
+        cost_class, cost_mask, cost_dice: weights of the three costs.
+        num_points: uniformly sampled points per image for the mask costs.
+
+    ``forward(pred_logits (B, Q, K+1), pred_masks (B, Q, h, w), targets)`` where ``targets`` is a list
+    of dicts with ``labels (N_i,)``, ``masks (N_i, H, W)`` and ``valid`` ``(H, W)`` or None; returns a
+    list of ``(query_idx, target_idx)`` LongTensor pairs of length ``min(Q, N_i)``, ``query_idx`` sorted.
+    """
+
+    def __init__(self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0, num_points: int = 12544):
+        super().__init__()
+        if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
+            raise ValueError("all costs are 0")
+        self.cost_class = cost_class
+        self.cost_mask = cost_mask
+        self.cost_dice = cost_dice
+        self.num_points = num_points
+
+    @torch.no_grad()
+    def forward(self, pred_logits: Tensor, pred_masks: Tensor, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
+        indices = []
+        for b, tgt in enumerate(targets):
+            labels = tgt["labels"]
+            if labels.numel() == 0:
+                empty = torch.empty(0, dtype=torch.int64)
+                indices.append((empty, empty.clone()))
+                continue
+            probs = pred_logits[b].float().softmax(-1)
+            cost_class = -probs[:, labels]  # (Q, N)
+            coords = torch.rand(1, self.num_points, 2, device=pred_masks.device)
+            valid = tgt.get("valid")
+            t_points, w_points = sample_targets(tgt["masks"], None if valid is None else valid[None], coords)
+            if w_points is not None:
+                w_points = w_points[0]  # the same weights for every target of the image: (P,)
+            queries = pred_masks[b].float()
+            p_points = point_sample(queries[:, None], coords.expand(queries.shape[0], -1, -1)).squeeze(1)
+            cost_mask = pairwise_sigmoid_ce(p_points, t_points, w_points)
+            cost_dice = pairwise_dice(p_points, t_points, w_points)
+            cost = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
+            big = torch.finfo(cost.dtype).max
+            cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big)
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices

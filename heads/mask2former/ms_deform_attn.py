@@ -1,0 +1,151 @@
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021) in pure PyTorch.
+
+Every query looks at ``num_points`` sampled locations per head and per level around its reference
+point; the locations are offsets predicted from the query, the values are read by bilinear
+interpolation (``grid_sample``) and mixed with softmax attention weights also predicted from the
+query. No CUDA extension: this runs on CPU and GPU alike.
+
+Coordinates are normalised to ``[0, 1]`` with ``(x, y)`` order and ``align_corners=False``
+semantics: ``(j + 0.5) / W`` is the centre of pixel column ``j``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def ms_deform_attn_core(
+    value: Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Bilinearly sample every level and mix the samples with the attention weights.
+
+    Args:
+        value: ``(B, S, M, D)`` per-head values of all levels flattened, ``S = sum(h_l * w_l)``.
+        spatial_shapes: ``[(h_l, w_l)]`` for the ``L`` levels, in the order they are flattened.
+        sampling_locations: ``(B, Lq, M, L, P, 2)`` normalised ``(x, y)`` in ``[0, 1]``.
+        attention_weights: ``(B, Lq, M, L, P)``, summing to 1 over ``(L, P)``.
+
+    Returns:
+        ``(B, Lq, M * D)``.
+    """
+    b, _, m, d = value.shape
+    _, lq, _, num_levels, num_points, _ = sampling_locations.shape
+    sizes = [h * w for h, w in spatial_shapes]
+    value_levels = value.split(sizes, dim=1)
+    grids = 2.0 * sampling_locations - 1.0  # grid_sample wants [-1, 1]
+    samples = []
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        # (B, h*w, M, D) -> (B*M, D, h, w)
+        v = value_levels[lvl].permute(0, 2, 3, 1).reshape(b * m, d, h, w)
+        # (B, Lq, M, P, 2) -> (B*M, Lq, P, 2)
+        g = grids[:, :, :, lvl].transpose(1, 2).reshape(b * m, lq, num_points, 2)
+        samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # (B*M, D, Lq, L*P)
+    sampled = torch.stack(samples, dim=-2).flatten(-2)
+    weights = attention_weights.transpose(1, 2).reshape(b * m, 1, lq, num_levels * num_points)
+    out = (sampled * weights).sum(-1)  # (B*M, D, Lq)
+    return out.view(b, m * d, lq).transpose(1, 2).contiguous()
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention.
+
+    Args:
+        embed_dim: channel width ``C`` of queries and values (divisible by ``num_heads``).
+        num_heads: attention heads ``M``.
+        num_levels: feature levels ``L``.
+        num_points: sampling points ``P`` per head and level.
+    """
+
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable-DETR init: offsets start on a ring of directions (one per head), points at growing radii."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        theta = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        grid = torch.stack([theta.cos(), theta.sin()], -1)  # (M, 2)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid[:, None, None, :].repeat(1, self.num_levels, self.num_points, 1)  # (M, L, P, 2)
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32)[None, None, :, None]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value_input: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        value_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Attend from every query to its sampled points.
+
+        Args:
+            query: ``(B, Lq, C)`` queries (position embedding already added if wanted).
+            reference_points: ``(B, Lq, L, 2)`` normalised ``(x, y)`` points, or ``(B, Lq, L, 4)``
+                boxes ``(cx, cy, w, h)`` (offsets are then scaled by half the box size / ``P``);
+                ``(B, Lq, 2|4)`` is broadcast to every level.
+            value_input: ``(B, S, C)`` the flattened levels, ``S = sum(h_l * w_l)``.
+            spatial_shapes: ``[(h_l, w_l)]`` of the ``L`` levels in ``value_input`` order.
+            value_padding_mask: optional ``(B, S)`` bool, True where the value is padding.
+
+        Returns:
+            ``(B, Lq, C)``.
+        """
+        b, lq, _ = query.shape
+        s = value_input.shape[1]
+        spatial_shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+        if len(spatial_shapes) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} levels, got {len(spatial_shapes)}")
+        if sum(h * w for h, w in spatial_shapes) != s:
+            raise ValueError(f"spatial_shapes {spatial_shapes} do not cover the {s} values")
+        m, num_levels, num_points = self.num_heads, self.num_levels, self.num_points
+
+        value = self.value_proj(value_input)
+        if value_padding_mask is not None:
+            value = value.masked_fill(value_padding_mask[..., None], 0.0)
+        value = value.view(b, s, m, self.embed_dim // m)
+
+        offsets = self.sampling_offsets(query).view(b, lq, m, num_levels, num_points, 2)
+        weights = self.attention_weights(query).view(b, lq, m, num_levels * num_points)
+        weights = weights.softmax(-1).view(b, lq, m, num_levels, num_points)
+
+        if reference_points.dim() == 3:
+            reference_points = reference_points[:, :, None, :].expand(-1, -1, num_levels, -1)
+        ref = reference_points[:, :, None, :, None, :]  # (B, Lq, 1, L, 1, 2|4)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: normalise by (w_l, h_l)
+            normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+            locations = ref + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = ref[..., :2] + offsets / num_points * ref[..., 2:] * 0.5
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
+
+        out = ms_deform_attn_core(value, spatial_shapes, locations, weights)
+        return self.output_proj(out)
