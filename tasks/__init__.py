@@ -3,5 +3,6 @@
 from .base import DenseTask
 from .classification import ClassificationTask
 from .segmentation import SegmentationTask
+from .predictor import load_predictor
 
-__all__ = ["ClassificationTask", "DenseTask", "SegmentationTask"]
+__all__ = ["ClassificationTask", "DenseTask", "SegmentationTask", "load_predictor"]

@@ -1,0 +1,44 @@
+"""Export a trained head: ``python export.py ckpt=PATH out=DIR [onnx=true] [verify=true]``.
+
+Writes into ``out``: ``head.safetensors`` (the head weights), ``config.yaml`` (task kind, backbone name,
+weights source, out_indices, freeze, head ``_target_`` and arguments, classes, mean/std, eval settings) and,
+only when the backbone is random-init or was trained, ``backbone.safetensors``. ``onnx=true`` adds
+``model.onnx`` (backbone + head, dynamic batch / height / width, checked against PyTorch with onnxruntime).
+Rebuild with ``tasks.load_predictor(out)``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from predict import parse_key_values
+
+DEFAULTS = {"ckpt": None, "out": None, "onnx": False, "verify": True}
+
+
+def main(argv: list[str]) -> int:
+    args = parse_key_values(argv, DEFAULTS, ("ckpt", "out"), __doc__.split("\n\n")[0])
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from tasks.export import export_checkpoint
+
+    try:
+        report = export_checkpoint(args["ckpt"], args["out"], onnx=bool(args["onnx"]), verify=bool(args["verify"]))
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    config, out = report["config"], Path(args["out"])
+    print(f"exported {config['task']['kind']} head {config['head']['_target_']} on {config['backbone']['name']} to {out}")
+    for name in sorted(p.name for p in out.iterdir()):
+        print(f"  {name} ({(out / name).stat().st_size / 1e6:.2f} MB)")
+    print(f"backbone tensors: {config['backbone_tensors']}")
+    if report["verify_diff"] is not None:
+        print(f"rebuilt from the folder: max abs diff vs checkpoint {report['verify_diff']:.3g}")
+    if report["onnx_diff"] is not None:
+        print(f"onnx vs pytorch max abs diff: {report['onnx_diff']:.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

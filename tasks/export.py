@@ -1,0 +1,186 @@
+"""Head-only export of a training checkpoint: ``head.safetensors`` + the resolved ``config.yaml`` (+ ONNX).
+
+The folder rebuilds the model without training code through ``tasks.load_predictor(folder)``:
+``build_backbone(**config["backbone"])`` (weights re-read from ``backbone.weights``), the head from
+``config["head"]`` (``_target_`` + arguments) and the tensors loaded strictly. A backbone that training
+changed (``freeze`` other than ``frozen``) or that has no weights source (random init) also gets
+``backbone.safetensors``: only the trained tensors, or all of them for a random-init backbone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import nn
+
+from .predictor import (BACKBONE_FILE, CONFIG_FILE, EXPORT_FORMAT, HEAD_FILE, DenseModel, Predictor,
+                        load_predictor)
+
+ONNX_FILE = "model.onnx"
+ONNX_TOLERANCE = 1e-3
+
+
+def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def backbone_tensors(predictor: Predictor) -> tuple[dict[str, torch.Tensor], str]:
+    """The backbone tensors an export must carry, and why: all of a random-init backbone, the trained
+    ones of a fine-tuned backbone with a weights source, none of a frozen backbone with a weights source."""
+    backbone = predictor.model.backbone
+    cfg = predictor.config["backbone"]
+    if not cfg.get("weights"):
+        return _tensors(backbone.state_dict()), "all: random-init backbone (weights: null), nothing to re-read"
+    if cfg.get("freeze", "frozen") == "frozen":
+        return {}, "none: frozen backbone, re-read from backbone.weights"
+    trained = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    state = {k: v for k, v in backbone.state_dict().items() if k in trained}
+    return _tensors(state), f"trained: the {len(state)} tensors freeze={cfg['freeze']} trained; the rest from backbone.weights"
+
+
+def _weights_source(weights):
+    """A local weights path made absolute so the export folder can move; tags / hub ids unchanged."""
+    if weights and Path(str(weights)).expanduser().exists():
+        return str(Path(str(weights)).expanduser().resolve())
+    return weights
+
+
+def export_predictor(predictor: Predictor, out: str | Path) -> dict:
+    """Write ``head.safetensors``, maybe ``backbone.safetensors``, and ``config.yaml`` into ``out``; returns the config."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = predictor.config
+    save_file(_tensors(predictor.model.head.state_dict()), str(out / HEAD_FILE), metadata={"format": "pt"})
+    backbone_state, reason = backbone_tensors(predictor)
+    if backbone_state:
+        save_file(backbone_state, str(out / BACKBONE_FILE), metadata={"format": "pt"})
+    elif (out / BACKBONE_FILE).exists():
+        (out / BACKBONE_FILE).unlink()
+    config = {
+        "format": EXPORT_FORMAT,
+        "task": dict(cfg["task"]),
+        "backbone": dict(cfg["backbone"], weights=_weights_source(cfg["backbone"].get("weights"))),
+        "head": dict(cfg["head"]),
+        "num_classes": cfg.get("num_classes"),
+        "class_names": list(cfg["class_names"]) if cfg.get("class_names") else None,
+        "normalize": {"mean": list(predictor.mean), "std": list(predictor.std)},
+        "eval": dict(predictor.eval_settings),
+        "features": dict(cfg["features"]),
+        "files": {"head": HEAD_FILE, "backbone": BACKBONE_FILE if backbone_state else None},
+        "backbone_tensors": reason,
+    }
+    text = ("# Written by export.py: rebuild with `tasks.load_predictor(this folder)`.\n"
+            "# backbone: build_backbone(**backbone); head: instantiate(head) (in_channels/strides/num_classes included).\n"
+            + yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
+    (out / CONFIG_FILE).write_text(text)
+    return config
+
+
+def max_abs_diff(a, b) -> float:
+    """Largest difference between two predictions (tensors, or lists of detection dicts)."""
+    if isinstance(a, torch.Tensor):
+        return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+    return max((max_abs_diff(x[k], y[k]) for x, y in zip(a, b) for k in x), default=0.0)
+
+
+def verify_export(predictor: Predictor, folder: str | Path, size: tuple[int, int] = (80, 112)) -> float:
+    """Rebuild from ``folder`` and compare the raw outputs with ``predictor`` on a random image; the max abs diff."""
+    rebuilt = load_predictor(folder)
+    torch.manual_seed(0)
+    images = torch.randn(1, 3, *size)
+    with torch.inference_mode():
+        return max_abs_diff(predictor.model.cpu()(images), rebuilt.model(images))
+
+
+class _DetectionOutputs(nn.Module):
+    """Detection as tensors for ONNX: ``boxes (B, k, 4)``, ``scores (B, k)``, ``labels (B, k)``."""
+
+    def __init__(self, model: DenseModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        predictions = self.model(images)
+        return tuple(torch.stack([p[key] for p in predictions]) for key in ("boxes", "scores", "labels"))
+
+
+def export_onnx(predictor: Predictor, path: str | Path, example_size: tuple[int, int] | None = None,
+                check_size: tuple[int, int] | None = None, tolerance: float = ONNX_TOLERANCE) -> float:
+    """Export backbone + head (the dense output, or boxes/scores/labels for detection) to ONNX and check it.
+
+    Batch, height and width are dynamic; height and width must be multiples of the backbone's ``pad_to``
+    (16 for ViTs, 32 for ConvNeXt: pad bottom/right, as ``Predictor`` does). The ONNX model is run with
+    onnxruntime at another size than the one exported and compared with PyTorch.
+
+    Returns:
+        the max abs difference; raises ``RuntimeError`` when it exceeds ``tolerance`` or the export fails.
+    """
+    import onnxruntime as ort
+
+    model = predictor.model.cpu().eval()
+    multiple = int(model.backbone.pad_to)
+    module = _DetectionOutputs(model) if predictor.kind == "detection" else model
+    names = ["boxes", "scores", "labels"] if predictor.kind == "detection" else ["dense"]
+    example_size = example_size or (4 * multiple, 6 * multiple)
+    check_size = check_size or (7 * multiple, 5 * multiple)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    height = multiple * torch.export.Dim("height_blocks", min=1, max=8192 // multiple)
+    width = multiple * torch.export.Dim("width_blocks", min=1, max=8192 // multiple)
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, *example_size)
+    path = Path(path)
+    head = type(model.head).__name__
+    try:
+        with torch.no_grad():
+            torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["images"],
+                              output_names=names, dynamic_shapes={"images": {0: batch, 2: height, 3: width}},
+                              verbose=False)
+    except Exception as err:
+        raise RuntimeError(f"ONNX export of {predictor.kind} head {head} failed "
+                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                           "the PyTorch export folder is still usable") from err
+    images = torch.randn(3, 3, *check_size)
+    with torch.inference_mode():
+        reference = module(images)
+    reference = list(reference) if isinstance(reference, tuple) else [reference]
+    head = type(model.head).__name__
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {"images": images.numpy()})
+    except Exception as err:
+        raise RuntimeError(f"the ONNX model of {head} ({path}) was exported but does not run on input "
+                           f"{tuple(images.shape)} (other than the example {tuple(example.shape)}): "
+                           f"{' '.join(str(err).split())[:300]}") from err
+    for name, output, expected in zip(names, outputs, reference):
+        if tuple(output.shape) != tuple(expected.shape):
+            raise RuntimeError(f"the ONNX model of {head} ({path}) gives '{name}' of shape {tuple(output.shape)} "
+                               f"instead of {tuple(expected.shape)} on input {tuple(images.shape)}: the export "
+                               f"fixed a size of the example {tuple(example.shape)}; not usable with dynamic shapes")
+    diff = max(max_abs_diff(torch.from_numpy(o), r) for o, r in zip(outputs, reference))
+    if diff > tolerance:
+        raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.3g} > {tolerance:g} ({path})")
+    return diff
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, onnx: bool = False, verify: bool = True) -> dict:
+    """Export a ``train.py`` checkpoint to ``out``; returns ``{"config", "verify_diff", "onnx_diff"}``."""
+    predictor = load_predictor(ckpt)
+    config = export_predictor(predictor, out)
+    report = {"config": config, "verify_diff": None, "onnx_diff": None}
+    if verify:
+        report["verify_diff"] = verify_export(predictor, out)
+    if onnx:
+        try:
+            report["onnx_diff"] = export_onnx(predictor, Path(out) / ONNX_FILE)
+        except RuntimeError:
+            for stale in (Path(out) / ONNX_FILE, Path(out) / f"{ONNX_FILE}.data"):
+                stale.unlink(missing_ok=True)  # never leave an ONNX file that failed its check
+            raise
+        config["onnx"] = {"file": ONNX_FILE, "input": "images (B, 3, H, W) normalized, H and W multiples of "
+                          f"{config['features']['pad_to']}", "max_abs_diff_vs_pytorch": report["onnx_diff"]}
+        text = (Path(out) / CONFIG_FILE).read_text()
+        (Path(out) / CONFIG_FILE).write_text(text + yaml.safe_dump({"onnx": config["onnx"]}, sort_keys=False))
+    return report

@@ -1,0 +1,544 @@
+"""Inference API: ``load_predictor(path)`` rebuilds backbone + head from a training checkpoint or an export folder.
+
+No Lightning here: the model is rebuilt with ``backbones.build_backbone`` and the head's ``_target_`` (Hydra
+``instantiate``), exactly as ``DenseTask`` builds it, and the weights are loaded strictly.
+
+The task kind decides what ``Predictor.predict`` returns, one dict per image at its original size:
+
+- ``segmentation``: ``{"probs": (K, H, W) float, "labels": (H, W) long}``
+- ``depth``: ``{"depth": (H, W) float}`` in metres
+- ``detection``: ``{"boxes": (k, 4) xyxy pixels, "scores": (k,), "labels": (k,)}``
+- ``classification``: ``{"probs": (K,), "label": int}``
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PosixPath, PurePosixPath, PureWindowsPath, WindowsPath
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from hydra.utils import instantiate
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from backbones import build_backbone
+from dense_data.io import read_rgb, to_rgb_uint8
+from dense_data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+from .inference import slide_inference, whole_inference
+
+KINDS = ("segmentation", "depth", "detection", "classification")
+_TARGET_KIND = (("mask", "segmentation"), ("depth", "depth"), ("boxes", "detection"), ("label", "classification"))
+EXPORT_FORMAT = "dinov3-heads-export/1"
+CONFIG_FILE, HEAD_FILE, BACKBONE_FILE = "config.yaml", "head.safetensors", "backbone.safetensors"
+# Objects a Lightning checkpoint may hold besides containers and tensors, allowed for ``weights_only`` loading.
+_SAFE_GLOBALS = [PosixPath, WindowsPath, PurePosixPath, PureWindowsPath]
+
+
+class ExportError(ValueError):
+    """An export folder or checkpoint that cannot rebuild the model; the message names the file and key."""
+
+
+# ------------------------------------------------------------------------------------------------- model
+class DenseModel(nn.Module):
+    """Backbone + head as one module: ``forward(images (B, 3, H, W) normalized)`` -> the head's prediction.
+
+    Inputs are padded bottom/right to a multiple of the backbone stride and the output is cut back:
+    dense kinds give ``(B, C, H, W)`` at the input size, detection a list of dicts with boxes clipped to
+    the input, classification ``(B, K)`` logits.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, kind: str):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown task kind {kind!r}; valid: {', '.join(KINDS)}")
+        self.backbone, self.head, self.kind = backbone, head, kind
+
+    def forward(self, images: torch.Tensor):
+        height, width = images.shape[-2:]
+        multiple = self.backbone.pad_to
+        padded = F.pad(images, (0, (-width) % multiple, 0, (-height) % multiple))
+        features = self.backbone(padded)
+        prediction = self.head.predict(self.head(features, features.padded_size), features.padded_size)
+        if self.kind == "detection":
+            limit = torch.tensor([width, height, width, height], dtype=torch.float32)
+            return [dict(p, boxes=torch.minimum(p["boxes"].clamp(min=0), limit.to(p["boxes"].device)))
+                    for p in prediction]
+        if self.kind == "classification":
+            return prediction
+        return prediction[..., :height, :width]
+
+
+# --------------------------------------------------------------------------------------------------- TTA
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: each image is predicted at every ``scale``, also mirrored when ``flip``.
+
+    Outputs of the views are mapped back to the original size (and un-mirrored) and averaged in probability
+    space (segmentation) or depth space (depth).
+    """
+
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+    @classmethod
+    def make(cls, tta) -> TTA:
+        """Accepts ``None``/``False`` (none), ``True`` (flip), a ``TTA``, or a dict ``{"flip":, "scales":}``."""
+        if tta is None or tta is False:
+            return cls()
+        if tta is True:
+            return cls(flip=True)
+        if isinstance(tta, cls):
+            return tta
+        if isinstance(tta, dict):
+            unknown = set(tta) - {"flip", "scales"}
+            if unknown:
+                raise ValueError(f"unknown TTA keys {sorted(unknown)}; valid: flip, scales")
+            scales = tuple(float(s) for s in (tta.get("scales") or (1.0,)))
+            if any(s <= 0 for s in scales):
+                raise ValueError(f"TTA scales must be positive, got {scales}")
+            return cls(flip=bool(tta.get("flip", False)), scales=scales)
+        raise TypeError(f"tta must be None, a bool, a dict or a TTA, got {type(tta).__name__}")
+
+    def views(self) -> list[tuple[float, bool]]:
+        return [(s, f) for s in self.scales for f in ((False, True) if self.flip else (False,))]
+
+    @property
+    def is_identity(self) -> bool:
+        return self.views() == [(1.0, False)]
+
+
+def _resize(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``(C, H, W)`` (align_corners=False, no antialiasing, like mmseg's test-time resize)."""
+    if tuple(tensor.shape[-2:]) == tuple(size):
+        return tensor
+    return F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
+    return max(1, int(size[0] * scale + 0.5)), max(1, int(size[1] * scale + 0.5))
+
+
+# ---------------------------------------------------------------------------------------------- images
+def as_rgb(image) -> np.ndarray:
+    """A path, PIL image, array or tensor as ``(H, W, 3)`` uint8 RGB.
+
+    Arrays are ``(H, W)``, ``(H, W, 1|3|4)``; tensors ``(H, W)`` or ``(1|3|4, H, W)`` (torchvision layout).
+    Grayscale is repeated, alpha dropped; integer images with values above 255 (16-bit) are scaled from
+    0-65535 (as ``dense_data.io.to_rgb_uint8``), floats are taken as 0-1.
+    """
+    if isinstance(image, (str, Path)):
+        return read_rgb(image)
+    if isinstance(image, Image.Image):
+        return to_rgb_uint8(image)
+    if isinstance(image, torch.Tensor):
+        array = image.detach().cpu()
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.permute(1, 2, 0)
+        elif array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] in (1, 3, 4):
+            array = array.permute(1, 2, 0)  # ambiguous tiny image: tensors are channels-first
+        image = array.numpy()
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"cannot read an image of shape {array.shape}: expected (H, W), (H, W, 3) or (H, W, 4)")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        array = np.clip(np.nan_to_num(array) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif array.dtype != np.uint8:  # 16-bit: as dense_data.io.to_rgb_uint8 converts 16-bit files
+        scale = 65535.0 if array.max(initial=0) > 255 else 255.0
+        array = np.clip(array.astype(np.float64) / scale * 255.0, 0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    array = np.ascontiguousarray(array[..., :3])
+    return array if array.flags.writeable else array.copy()
+
+
+def _as_list(images) -> tuple[list, bool]:
+    """``(items, single)``: a batch tensor ``(B, C, H, W)`` or a list is many images, anything else one."""
+    if isinstance(images, (list, tuple)):
+        return list(images), False
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return list(images), False
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images), False
+    return [images], True
+
+
+# ------------------------------------------------------------------------------------------- predictor
+class Predictor:
+    """Runs a ``DenseModel`` on images of any size and maps the results back to each image's original size.
+
+    Args:
+        model: a ``DenseModel`` (or any module mapping normalized ``(B, 3, H, W)`` to the kind's output).
+        kind: ``segmentation`` | ``depth`` | ``detection`` | ``classification``.
+        num_classes, class_names: the label space (None for depth).
+        mean, std: input normalization.
+        eval: defaults of ``predict``: ``mode``, ``crop``, ``stride``, ``batch_size``.
+        score_type: segmentation scores are ``logits`` (softmax gives probabilities) or ``scores``
+            (non-negative, e.g. Mask2Former; normalized to sum 1). Default: the head's ``score_type``
+            attribute, else ``scores`` for Mask2Former heads and ``logits`` otherwise.
+        config: the resolved configuration the model was built from (used by ``tasks.export``).
+    """
+
+    def __init__(self, model: nn.Module, kind: str, num_classes: int | None = None,
+                 class_names: Sequence[str] | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, eval: dict | None = None, score_type: str | None = None,
+                 device: str | torch.device = "cpu", config: dict | None = None):
+        if kind not in KINDS:
+            raise ValueError(f"unknown task kind {kind!r}; valid: {', '.join(KINDS)}")
+        self.kind, self.num_classes = kind, num_classes
+        self.class_names = list(class_names) if class_names else (
+            [f"class_{i}" for i in range(num_classes)] if num_classes else None)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.eval_settings = {"mode": "whole", "crop": 512, "stride": 341, "batch_size": 8, **(eval or {})}
+        head = getattr(model, "head", None)
+        self.score_type = score_type or getattr(head, "score_type", None) or (
+            "scores" if "Mask2Former" in type(head).__name__ else "logits")
+        if self.score_type not in ("logits", "scores"):
+            raise ValueError(f"score_type must be 'logits' or 'scores', got {self.score_type!r}")
+        self.config = config or {}
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+
+    def to(self, device: str | torch.device) -> Predictor:
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def preprocess(self, image) -> torch.Tensor:
+        """Any supported image as a normalized ``(3, H, W)`` float tensor (on the CPU)."""
+        return normalize(as_rgb(image), self.mean, self.std)
+
+    def to_probs(self, scores: torch.Tensor) -> torch.Tensor:
+        """Segmentation scores ``(K, H, W)`` averaged over windows -> class probabilities."""
+        if self.score_type == "logits":
+            return scores.float().softmax(0)
+        scores = scores.float().clamp(min=0)
+        return scores / scores.sum(0, keepdim=True).clamp(min=1e-12)
+
+    def _run(self, images: torch.Tensor):
+        with torch.inference_mode():
+            return self.model(images.to(self.device, non_blocking=True))
+
+    # ---------------------------------------------------------------------------------------------- API
+    @torch.inference_mode()
+    def predict(self, images, mode: str | None = None, crop: int | Sequence[int] | None = None,
+                stride: int | Sequence[int] | None = None, tta=None, batch_size: int | None = None,
+                out_device: str | torch.device | None = "cpu", return_probs: bool = True):
+        """Predict full-resolution results for one image or a list of images (sizes may differ).
+
+        Args:
+            images: a path, PIL image, ``(H, W[, C])`` array, ``(C, H, W)`` tensor, or a list of them
+                (a ``(B, C, H, W)`` tensor counts as a list).
+            mode: ``whole`` (one forward per image, same sizes batched) or ``slide`` (mmseg sliding window:
+                window outputs averaged per pixel before the softmax). Default: the checkpoint's eval mode.
+            crop, stride: sliding-window size and step (int or ``(h, w)``); images smaller than the crop are padded.
+            tta: ``False`` (none), ``True`` (flip), ``{"flip": bool, "scales": [..]}`` or a ``TTA``; ``None``:
+                the checkpoint's eval setting (``eval_flip`` of a depth task), else none.
+            batch_size: crops (or whole images) per forward, across all windows, views and images.
+            out_device: where window sums, TTA averages and results live (``"cpu"`` bounds accelerator
+                memory on very large images); ``None``: the model's device.
+            return_probs: segmentation: keep the ``(K, H, W)`` probabilities (else only the label map).
+
+        Returns:
+            One dict per image (a single dict for a single image), see the module docstring.
+        """
+        items, single = _as_list(images)
+        mode = mode or self.eval_settings["mode"]
+        if mode not in ("whole", "slide"):
+            raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+        crop = crop or self.eval_settings["crop"]
+        stride = stride or self.eval_settings["stride"]
+        batch_size = int(batch_size or self.eval_settings["batch_size"])
+        tta = TTA.make(bool(self.eval_settings.get("flip", False)) if tta is None else tta)
+        tensors = [self.preprocess(item) for item in items]
+        if self.kind == "detection":
+            results = self._detect(tensors, mode, tta, batch_size)
+        elif self.kind == "classification":
+            results = self._classify(tensors, tta)
+        else:
+            results = self._dense(tensors, mode, crop, stride, tta, batch_size, out_device, return_probs)
+        return results[0] if single else results
+
+    def _dense(self, tensors, mode, crop, stride, tta, batch_size, out_device, return_probs) -> list[dict]:
+        views = tta.views()
+        inputs = []
+        for image in tensors:
+            for scale, flip in views:
+                view = _resize(image, scaled_size(image.shape[-2:], scale))
+                inputs.append(view.flip(-1) if flip else view)
+        if mode == "slide":
+            outputs = slide_inference(self._run, inputs, crop, stride, batch_size, out_device=out_device)
+        else:
+            outputs = whole_inference(self._run, inputs, batch_size)
+        results = []
+        for index, image in enumerate(tensors):
+            size = tuple(image.shape[-2:])
+            total = None
+            for (scale, flip), output in zip(views, outputs[index * len(views):(index + 1) * len(views)]):
+                if out_device is not None:
+                    output = output.to(out_device)
+                output = output.float()
+                output = _resize(output.flip(-1) if flip else output, size)
+                value = self.to_probs(output) if self.kind == "segmentation" else output
+                total = value if total is None else total + value
+            mean = total / len(views)
+            if self.kind == "segmentation":
+                result = {"labels": mean.argmax(0)}
+                if return_probs:
+                    result["probs"] = mean
+            else:
+                result = {"depth": mean[0]}
+            results.append({k: v.cpu() for k, v in result.items()})
+        return results
+
+    def _detect(self, tensors, mode, tta, batch_size) -> list[dict]:
+        if mode != "whole":
+            raise ValueError("detection runs on whole images: use mode='whole'")
+        if not tta.is_identity:
+            raise ValueError("test-time augmentation is not supported for detection (it needs box fusion)")
+        results: list[dict | None] = [None] * len(tensors)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(tensors):
+            by_size.setdefault(tuple(image.shape[-2:]), []).append(index)
+        for indices in by_size.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                outputs = self._run(torch.stack([tensors[i] for i in chunk]))
+                for i, output in zip(chunk, outputs):
+                    results[i] = {k: v.detach().cpu() for k, v in output.items()}
+        return results
+
+    def _classify(self, tensors, tta) -> list[dict]:
+        results = []
+        for image in tensors:
+            total = 0
+            for scale, flip in tta.views():
+                view = _resize(image, scaled_size(image.shape[-2:], scale))
+                total = total + self._run((view.flip(-1) if flip else view)[None])[0].float().softmax(-1).cpu()
+            probs = total / len(tta.views())
+            results.append({"probs": probs, "label": int(probs.argmax())})
+        return results
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def task_kind(task_class: str | type) -> str:
+    """The kind of a task class (or its dotted path): its ``kind`` attribute, else what its ``targets`` are."""
+    if isinstance(task_class, str):
+        module_name, _, name = task_class.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ExportError(f"cannot import the task class {task_class!r}: {err}") from err
+    else:
+        cls = task_class
+    kind = getattr(cls, "kind", None)
+    if isinstance(kind, str) and kind in KINDS:
+        return kind
+    from .segmentation import SegmentationTask
+
+    if isinstance(cls, type) and issubclass(cls, SegmentationTask):
+        return "segmentation"
+    targets = tuple(getattr(cls, "targets", ()))
+    for target, kind in _TARGET_KIND:
+        if target in targets:
+            return kind
+    raise ExportError(f"cannot tell the task kind of {cls!r} (targets {targets}); valid kinds: {', '.join(KINDS)}")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load(weights_only=True)`` of a Lightning checkpoint, errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ExportError(f"{path}: refused by torch.load(weights_only=True) (an object type that is not a plain "
+                          f"container or tensor): {err}") from err
+    except Exception as err:
+        raise ExportError(f"cannot read checkpoint {path} (truncated or not a torch checkpoint?): {err}") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ExportError(f"{path} is not a training checkpoint of train.py (no state_dict / hyper_parameters)")
+    return checkpoint
+
+
+def build_head(head_cfg: dict, channels: Sequence[int], strides: Sequence[int], num_classes: int | None) -> nn.Module:
+    """Instantiate a head as ``DenseTask`` does: ``in_channels``/``strides`` from the backbone."""
+    extra = {"num_classes": num_classes} if num_classes is not None else {}
+    return instantiate(dict(head_cfg), in_channels=list(channels), strides=list(strides), **extra)
+
+
+def _load_backbone_tensors(backbone: nn.Module, state: dict[str, torch.Tensor], source: str, complete: bool) -> None:
+    """Load backbone tensors (keys relative to the backbone); unexpected keys always fail, missing ones if ``complete``."""
+    expected = backbone.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state)) if complete else []
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+             if k in expected and v.shape != expected[k].shape]
+    if unexpected or missing or wrong:
+        raise ExportError(f"{source} does not fit the backbone: unexpected {unexpected[:5]}, missing {missing[:5]}, "
+                          f"shape mismatch {wrong[:5]}")
+    backbone.load_state_dict(state, strict=False)
+
+
+def _load_head_tensors(head: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        head.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).replace("\n\t", "; ").split())
+        raise ExportError(f"{source} does not fit the head built from the config "
+                          f"({type(head).__name__}): {detail}") from err
+
+
+def predictor_from_checkpoint(path: str | Path, device="cpu", kind: str | None = None) -> Predictor:
+    """Rebuild the model of a ``train.py`` checkpoint (backbone weights it left out are re-read from their source)."""
+    checkpoint = read_checkpoint(path)
+    hparams = dict(checkpoint["hyper_parameters"])
+    if kind is None:
+        if "task_class" not in checkpoint:
+            raise ExportError(f"{path} does not record its task_class (an older checkpoint): pass kind=...")
+        kind = task_kind(checkpoint["task_class"])
+    backbone_cfg = _with_defaults(build_backbone, hparams["backbone"])
+    head_cfg = dict(hparams["head"])
+    backbone = build_backbone(**backbone_cfg)
+    head = build_head(head_cfg, backbone.channels, backbone.strides, hparams.get("num_classes"))
+    state = checkpoint["state_dict"]
+    _load_head_tensors(head, {k[5:]: v for k, v in state.items() if k.startswith("head.")}, f"{path} (head.*)")
+    backbone_state = {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not backbone_cfg.get("weights") and not backbone_state:
+        raise ExportError(f"{path} holds no backbone weights but its backbone is random-init (weights: null)")
+    _load_backbone_tensors(backbone, backbone_state, f"{path} (backbone.*)", complete=not backbone_cfg.get("weights"))
+    other = sorted(k for k in state if not k.startswith(("head.", "backbone.")))
+    if other:
+        raise ExportError(f"{path}: state_dict keys outside backbone./head.: {other[:5]}")
+    config = {
+        "task": {"class": checkpoint.get("task_class"), "kind": kind},
+        "backbone": dict(backbone_cfg, out_indices=list(backbone.out_indices)),
+        "head": dict(_with_defaults(type(head), head_cfg), in_channels=list(backbone.channels), strides=list(backbone.strides),
+                     **({"num_classes": hparams["num_classes"]} if hparams.get("num_classes") is not None else {})),
+        "features": {"channels": list(backbone.channels), "strides": list(backbone.strides),
+                     "pad_to": int(backbone.pad_to)},
+        "num_classes": hparams.get("num_classes"),
+        "class_names": hparams.get("class_names"),
+        "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "eval": _eval_settings(hparams),
+    }
+    return Predictor(DenseModel(backbone, head, kind), kind, hparams.get("num_classes"), hparams.get("class_names"),
+                     eval=config["eval"], device=device, config=config)
+
+
+def _with_defaults(fn, given: dict) -> dict:
+    """``given`` plus the default of every other keyword argument of ``fn`` (the resolved call)."""
+    resolved = dict(given)
+    for name, param in inspect.signature(fn).parameters.items():
+        if name not in resolved and param.default is not inspect.Parameter.empty and name not in (
+                "in_channels", "strides", "num_classes"):
+            default = param.default
+            resolved[name] = list(default) if isinstance(default, tuple) else default
+    return resolved
+
+
+def _eval_settings(hparams: dict) -> dict:
+    names = {"eval_mode": "mode", "eval_crop": "crop", "eval_stride": "stride", "eval_batch_size": "batch_size",
+             "eval_flip": "flip"}
+    return {new: hparams[old] for old, new in names.items() if hparams.get(old) is not None}
+
+
+def _get(config: dict, dotted: str, source: Path):
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ExportError(f"{source}: missing key '{dotted}'")
+        value = value[part]
+    return value
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing export file: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ExportError(f"cannot read {path} (truncated or corrupt?): {err}") from err
+
+
+def predictor_from_export(folder: str | Path, device="cpu") -> Predictor:
+    """Rebuild a model from an export folder (``config.yaml`` + ``head.safetensors`` [+ ``backbone.safetensors``])."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in export folder {folder}")
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError as err:
+        raise ExportError(f"cannot parse {config_path}: {err}") from err
+    if not isinstance(config, dict):
+        raise ExportError(f"{config_path} does not hold a mapping")
+    kind = _get(config, "task.kind", config_path)
+    backbone_cfg = dict(_get(config, "backbone", config_path))
+    for key in ("name", "weights", "out_indices", "freeze"):
+        _get(config, f"backbone.{key}", config_path)
+    head_cfg = dict(_get(config, "head", config_path))
+    for key in ("_target_", "in_channels", "strides"):
+        _get(config, f"head.{key}", config_path)
+    files = _get(config, "files", config_path)
+    head_file = folder / _get(config, "files.head", config_path)
+    backbone_file = files.get("backbone")
+    num_classes = config.get("num_classes")
+    if kind in ("segmentation", "detection", "classification"):
+        num_classes = _get(config, "num_classes", config_path)
+
+    try:
+        backbone = build_backbone(**backbone_cfg)
+    except TypeError as err:
+        raise ExportError(f"{config_path}: bad 'backbone' arguments: {err}") from err
+    in_channels, strides = [int(c) for c in head_cfg.pop("in_channels")], [int(s) for s in head_cfg.pop("strides")]
+    if in_channels != list(backbone.channels) or strides != list(backbone.strides):
+        raise ExportError(f"{config_path}: backbone {backbone_cfg['name']!r} gives channels {list(backbone.channels)} "
+                          f"at strides {list(backbone.strides)}, but the head was trained on 'head.in_channels' "
+                          f"{in_channels} at 'head.strides' {strides}")
+    head_classes = head_cfg.pop("num_classes", None)
+    if num_classes is not None and head_classes is not None and int(head_classes) != int(num_classes):
+        raise ExportError(f"{config_path}: 'head.num_classes' {head_classes} != 'num_classes' {num_classes}")
+    head = build_head(head_cfg, backbone.channels, backbone.strides, num_classes)
+    _load_head_tensors(head, _read_tensors(head_file), str(head_file))
+    if backbone_file:
+        path = folder / backbone_file
+        _load_backbone_tensors(backbone, _read_tensors(path), str(path), complete=not backbone_cfg.get("weights"))
+    elif not backbone_cfg.get("weights"):
+        raise ExportError(f"{config_path}: the backbone is random-init ('backbone.weights' is null) but "
+                          f"'files.backbone' names no {BACKBONE_FILE}")
+    normalize_cfg = config.get("normalize") or {}
+    return Predictor(DenseModel(backbone, head, kind), kind, num_classes, config.get("class_names"),
+                     mean=normalize_cfg.get("mean", IMAGENET_MEAN), std=normalize_cfg.get("std", IMAGENET_STD),
+                     eval=config.get("eval"), device=device, config=config)
+
+
+def load_predictor(path: str | Path, device: str | torch.device = "cpu", kind: str | None = None) -> Predictor:
+    """Load a ``train.py`` checkpoint (``.ckpt``) or an export folder (from ``export.py``) as a ``Predictor``.
+
+    Example::
+
+        predictor = load_predictor("outputs/.../checkpoints/last.ckpt", device="cuda")
+        result = predictor.predict("photo.jpg", mode="slide", crop=512, stride=341, tta={"flip": True})
+        result["labels"]  # (H, W) class ids at the photo's size
+    """
+    path = Path(path)
+    if path.is_dir() or path.name == CONFIG_FILE:
+        return predictor_from_export(path if path.is_dir() else path.parent, device)
+    return predictor_from_checkpoint(path, device, kind)
