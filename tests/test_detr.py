@@ -16,7 +16,7 @@ from backbones.features import Features  # noqa: E402
 from heads.detr import DETRHead, HungarianMatcher, SetCriterion  # noqa: E402
 from heads.detr.criterion import box_losses, focal_loss  # noqa: E402
 from heads.detr.matcher import focal_class_cost, giou_box_cost, l1_box_cost  # noqa: E402
-from heads.detr.transformer import MSDeformAttn  # noqa: E402
+from heads.ops import MSDeformAttn  # noqa: E402
 
 TINY = dict(hidden_dim=32, num_queries=6, enc_layers=2, dec_layers=2, num_heads=4, num_levels=2, ffn_dim=64)
 

@@ -15,12 +15,10 @@ from heads.mask2former import (
     HungarianMatcher,
     Mask2FormerCriterion,
     Mask2FormerHead,
-    MSDeformAttn,
     SimpleFeaturePyramid,
-    average_num_masks,
     semantic_to_targets,
 )
-from heads.mask2former.ms_deform_attn import ms_deform_attn_core
+from heads.ops import MSDeformAttn, average_over_processes, ms_deform_attn_core
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -355,8 +353,8 @@ def test_overfit_tiny_batch():
 
 
 def test_average_num_masks_single_process():
-    assert average_num_masks(3).item() == 3.0
-    assert average_num_masks(0).item() == 1.0
+    assert average_over_processes(3).item() == 3.0
+    assert average_over_processes(0).item() == 1.0
 
 
 def _free_port():
@@ -372,7 +370,7 @@ def _ddp_worker(rank, world_size, port, result_dir):
     try:
         torch.set_num_threads(1)
         local = 3 if rank == 0 else 1
-        n = average_num_masks(local, "cpu").item()
+        n = average_over_processes(local, "cpu").item()
         # a target with `local` classes; the mask terms are divided by the averaged count (2), not the local one
         mask = torch.zeros(1, 32, 32, dtype=torch.long)
         for c in range(local):

@@ -1,7 +1,7 @@
 """DETR-style detection head: deformable transformer, Hungarian matcher and set losses."""
 
-from .criterion import SetCriterion, global_num_boxes
+from .criterion import SetCriterion
 from .head import DETRHead
 from .matcher import HungarianMatcher
 
-__all__ = ["DETRHead", "HungarianMatcher", "SetCriterion", "global_num_boxes"]
+__all__ = ["DETRHead", "HungarianMatcher", "SetCriterion"]

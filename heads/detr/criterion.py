@@ -7,20 +7,11 @@ processes (``all_reduce``) and clamped to ``>= 1``, as in Deformable DETR.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
+from ..ops import average_over_processes
 from .matcher import HungarianMatcher
-
-
-def global_num_boxes(local_count: int, device: torch.device) -> Tensor:
-    """Number of boxes per process averaged over all processes, clamped to ``>= 1`` (scalar float tensor)."""
-    n = torch.tensor(float(local_count), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n)
-        n = n / dist.get_world_size()
-    return n.clamp(min=1.0)
 
 
 def focal_loss(logits: Tensor, labels: list[Tensor], indices, num_boxes: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -106,7 +97,7 @@ class SetCriterion(nn.Module):
         """
         device = outputs["pred_logits"].device
         n_local = sum(len(t["labels"]) for t in targets)
-        num_boxes = global_num_boxes(n_local, device)
+        num_boxes = average_over_processes(n_local, device)
         self.last_num_boxes = float(num_boxes)
         sets = self._sets(outputs, "")
         if "enc_outputs" in outputs:
@@ -117,7 +108,7 @@ class SetCriterion(nn.Module):
                 {"labels": t["labels"].repeat(one_to_many_k), "boxes": t["boxes"].repeat(one_to_many_k, 1)}
                 for t in targets
             ]
-            num_rep = global_num_boxes(n_local * one_to_many_k, device)
+            num_rep = average_over_processes(n_local * one_to_many_k, device)
             losses.update(self._sum(self._sets(outputs, "_one2many"), rep, num_rep, "_one2many"))
         return losses
 

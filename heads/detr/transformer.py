@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import MSDeformAttn
+
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """``logit(x)`` with ``x`` clamped to ``[eps, 1 - eps]``."""
@@ -109,77 +111,6 @@ class MultiScaleInput(nn.Module):
         """``maps``: backbone ``(B, C_i, h_i, w_i)`` -> one ``(B, D, h_l, w_l)`` per level stride."""
         base = {s: self.proj[str(s)](torch.cat([maps[i] for i in idx], 1)) for s, idx in self.groups.items()}
         return [f(base[s]) for s, f in zip(self.sources, self.resample)]
-
-
-class MSDeformAttn(nn.Module):
-    """Multi-scale deformable attention (Zhu et al., 2021), pure PyTorch ``grid_sample``.
-
-    Args:
-        embed_dim: ``D``; num_heads: ``M``; num_levels: ``L``; num_points: ``P`` sampling points per head and level.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, num_levels: int, num_points: int):
-        super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
-        self.embed_dim, self.num_heads, self.num_levels, self.num_points = embed_dim, num_heads, num_levels, num_points
-        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
-        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
-        self.value_proj = nn.Linear(embed_dim, embed_dim)
-        self.output_proj = nn.Linear(embed_dim, embed_dim)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.sampling_offsets.weight)
-        theta = torch.arange(self.num_heads, dtype=torch.float32) * (2 * math.pi / self.num_heads)
-        grid = torch.stack([theta.cos(), theta.sin()], -1)
-        grid = grid / grid.abs().max(-1, keepdim=True).values
-        grid = grid[:, None, None, :].repeat(1, self.num_levels, self.num_points, 1)
-        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32)[None, None, :, None]
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.flatten())
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        for lin in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
-
-    def forward(self, query: Tensor, reference: Tensor, value: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:
-        """Attend from queries to sampled points of every level.
-
-        Args:
-            query: ``(B, Lq, D)``.
-            reference: ``(B, Lq, L, 2)`` points or ``(B, Lq, L, 4)`` boxes ``cxcywh`` in each level's normalised
-                coordinates.
-            value: ``(B, S, D)`` flattened levels, ``S = sum h_l w_l``.
-            shapes: ``L`` pairs ``(h_l, w_l)``.
-
-        Returns:
-            ``(B, Lq, D)``.
-        """
-        B, Lq, _ = query.shape
-        M, L, P = self.num_heads, self.num_levels, self.num_points
-        Dh = self.embed_dim // M
-        value = self.value_proj(value).view(B, -1, M, Dh)
-        off = self.sampling_offsets(query).view(B, Lq, M, L, P, 2)
-        attn = self.attention_weights(query).view(B, Lq, M, L * P).softmax(-1).view(B, Lq, M, L, P)
-        ref = reference[:, :, None, :, None, :]  # (B, Lq, 1, L, 1, d)
-        if reference.shape[-1] == 2:
-            norm = torch.tensor([[w, h] for h, w in shapes], dtype=off.dtype, device=off.device)
-            loc = ref + off / norm[None, None, None, :, None, :]
-        else:
-            loc = ref[..., :2] + off / P * ref[..., 2:] * 0.5
-        grids = 2 * loc - 1  # (B, Lq, M, L, P, 2)
-        out = query.new_zeros(B * M, Dh, Lq)
-        for lvl, v in enumerate(value.split([h * w for h, w in shapes], dim=1)):
-            h, w = shapes[lvl]
-            v = v.permute(0, 2, 3, 1).reshape(B * M, Dh, h, w)
-            g = grids[:, :, :, lvl].transpose(1, 2).reshape(B * M, Lq, P, 2)
-            s = F.grid_sample(v, g.to(v.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
-            a = attn[:, :, :, lvl].transpose(1, 2).reshape(B * M, 1, Lq, P)
-            out = out + (s * a).sum(-1)
-        out = out.view(B, M * Dh, Lq).transpose(1, 2)
-        return self.output_proj(out)
 
 
 class FFN(nn.Module):

@@ -18,21 +18,11 @@ no ignored pixel gives exactly the reference loss.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import average_over_processes
 from .matcher import HungarianMatcher, point_sample, sample_targets
-
-
-def average_num_masks(num_masks: int | float | Tensor, device: torch.device | str | None = None) -> Tensor:
-    """The number of target masks averaged over processes (all_reduce when distributed), clamped to >= 1."""
-    n = torch.as_tensor(num_masks, dtype=torch.float32, device=device)
-    if dist.is_available() and dist.is_initialized():
-        n = n.clone()
-        dist.all_reduce(n)
-        n = n / dist.get_world_size()
-    return n.clamp(min=1.0)
 
 
 def semantic_to_targets(mask: Tensor, num_classes: int, ignore_index: int = 255) -> list[dict]:
@@ -160,7 +150,7 @@ class Mask2FormerCriterion(nn.Module):
     def layer_terms(self, outputs: dict, targets: list[dict], num_masks: Tensor | float | None = None) -> list[dict[str, Tensor]]:
         """Unweighted terms of every supervised layer: the final prediction first, then ``aux_outputs``."""
         if num_masks is None:
-            num_masks = average_num_masks(sum(len(t["labels"]) for t in targets), outputs["pred_logits"].device)
+            num_masks = average_over_processes(sum(len(t["labels"]) for t in targets), outputs["pred_logits"].device)
         layers = [outputs]
         if self.deep_supervision:
             layers += list(outputs.get("aux_outputs", []))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ms_deform_attn import MSDeformAttn
+from ..ops import MSDeformAttn
 from .pyramid import group_norm
 
 
