@@ -2,7 +2,9 @@
 
 from .base import DenseTask
 from .classification import ClassificationTask
-from .segmentation import SegmentationTask
+from .depth import DepthTask
+from .detection import DetectionTask
 from .predictor import load_predictor
+from .segmentation import SegmentationTask
 
-__all__ = ["ClassificationTask", "DenseTask", "SegmentationTask", "load_predictor"]
+__all__ = ["ClassificationTask", "DenseTask", "DepthTask", "DetectionTask", "SegmentationTask", "load_predictor"]
