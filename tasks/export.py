@@ -118,7 +118,10 @@ def export_onnx(predictor: Predictor, path: str | Path, example_size: tuple[int,
     Returns:
         the max abs difference; raises ``RuntimeError`` when it exceeds ``tolerance`` or the export fails.
     """
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise RuntimeError("ONNX export needs onnx, onnxscript and onnxruntime: pip install -e '.[onnx]'") from err
 
     model = predictor.model.cpu().eval()
     multiple = int(model.backbone.pad_to)
