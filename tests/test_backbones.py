@@ -203,3 +203,14 @@ def test_lora_starts_as_identity_and_trains_only_adapters():
     assert lora_a.grad is not None
     with pytest.raises(ValueError, match="lora"):
         build_backbone("convnext_test", freeze="lora")
+
+
+def test_every_pretrained_tag_is_known_to_timm():
+    """``weights=timm`` must name real timm weights for every full-size backbone (checked offline)."""
+    from timm.models import get_pretrained_cfg
+    for name, spec in BACKBONES.items():
+        if spec.timm_tag is None:
+            continue
+        cfg = get_pretrained_cfg(f"{spec.arch}.{spec.timm_tag}")
+        assert cfg is not None and cfg.hf_hub_id, name
+        assert spec.hf_id.startswith("facebook/dinov3-") and spec.hf_id.endswith("-pretrain-lvd1689m")
