@@ -77,6 +77,7 @@ def test_class_folders_train_a_linear_classifier(tmp_path, train_cli):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = _metrics(run_dir)
     assert set(metrics) == {"val/top1", "val/top5"} and metrics["val/top5"] == 1.0  # 5 classes: top-5 is all
+    assert list((run_dir / "vis").glob("val_step*.png"))
 
 
 def test_two_process_ddp_spawn_trains(tmp_path, train_cli):
