@@ -9,7 +9,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint

@@ -62,6 +62,11 @@ class DenseTask(L.LightningModule):
         prediction = self.head.predict(self(padded), tuple(padded.shape[-2:]))
         return prediction[..., :height, :width]
 
+    @staticmethod
+    def network_images(batch: dict) -> list[torch.Tensor]:
+        """Each image of a collated batch without the collate padding: ``(3, h_i, w_i)`` at network size."""
+        return [image[:, :h, :w] for image, (h, w) in zip(batch["image"], (m["image_size"] for m in batch["meta"]))]
+
     # -------------------------------------------------------------- training
     def batch_targets(self, batch: dict, image_size: tuple[int, int]) -> dict:
         """The head's targets from a batch, padded like the images (masks with 255, depth with 0)."""

@@ -1,7 +1,6 @@
 """Image classification with a linear probe: top-1 / top-5 accuracy."""
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from torchmetrics.classification import MulticlassAccuracy
 

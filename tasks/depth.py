@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from .base import DenseTask
-from .inference import slide_inference, whole_inference
+from .inference import dense_inference
 from .metrics.depth import METRIC_NAMES, DepthMetrics
-from .visualize import denormalize, save_panels
+from .visualize import denormalize, resize_picture, save_panels
 from .visualize_depth import depth_panel
 
 
@@ -57,12 +57,11 @@ class DepthTask(DenseTask):
 
     def predict_depth(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Depth ``(1, H_i, W_i)`` in metres for each normalized ``(3, H_i, W_i)`` image."""
-        if self.eval_mode == "slide":
-            return slide_inference(self.dense_tta, images, self.eval_crop, self.eval_stride, self.eval_batch_size)
-        return whole_inference(self.dense_tta, images, self.eval_batch_size)
+        return dense_inference(self.dense_tta, images, self.eval_mode, self.eval_crop, self.eval_stride,
+                               self.eval_batch_size)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        images = [image[:, :h, :w] for image, (h, w) in zip(batch["image"], (m["image_size"] for m in batch["meta"]))]
+        images = self.network_images(batch)
         for image, depth, gt, meta in zip(images, self.predict_depth(images), batch["depth"], batch["meta"]):
             height, width = meta.get("orig_size", gt.shape[-2:])
             gt = gt[:height, :width]
@@ -70,10 +69,7 @@ class DepthTask(DenseTask):
                 depth = F.interpolate(depth[None].float(), gt.shape, mode="bilinear", align_corners=False)[0]
             self.val_metrics.update(depth[None], gt[None])
             if len(self._vis_rows) < self.num_vis and self.vis_dir is not None:
-                picture = denormalize(image)
-                if picture.shape[:2] != gt.shape:
-                    picture = np.asarray(F.interpolate(torch.from_numpy(picture).permute(2, 0, 1)[None].float(),
-                                                       gt.shape)[0].permute(1, 2, 0).byte())
+                picture = resize_picture(denormalize(image), tuple(gt.shape))
                 self._vis_rows.append([depth_panel(picture, gt.float().cpu().numpy(),
                                                    depth[0].float().cpu().numpy())])
 

@@ -67,6 +67,17 @@ def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[i
             for total, count, image in zip(sums, counts, images)]
 
 
+def dense_inference(fn: DenseFn, images: list[torch.Tensor], mode: str, crop: int | tuple[int, int] = 512,
+                    stride: int | tuple[int, int] = 341, batch_size: int = 8,
+                    out_device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """``mode="slide"``: :func:`slide_inference`; ``mode="whole"``: :func:`whole_inference`."""
+    if mode == "slide":
+        return slide_inference(fn, images, crop, stride, batch_size, out_device)
+    if mode == "whole":
+        return whole_inference(fn, images, batch_size)
+    raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+
+
 def whole_inference(fn: DenseFn, images: list[torch.Tensor], batch_size: int = 8) -> list[torch.Tensor]:
     """Run ``fn`` on each whole image (same-size images batched together); one ``(C, H_i, W_i)`` per image."""
     results: list[torch.Tensor | None] = [None] * len(images)

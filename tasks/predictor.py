@@ -34,7 +34,7 @@ from backbones import build_backbone
 from dense_data.io import read_rgb, to_rgb_uint8
 from dense_data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
-from .inference import slide_inference, whole_inference
+from .inference import dense_inference
 
 KINDS = ("segmentation", "depth", "detection", "classification")
 _TARGET_KIND = (("mask", "segmentation"), ("depth", "depth"), ("boxes", "detection"), ("label", "classification"))
@@ -280,10 +280,7 @@ class Predictor:
             for scale, flip in views:
                 view = _resize(image, scaled_size(image.shape[-2:], scale))
                 inputs.append(view.flip(-1) if flip else view)
-        if mode == "slide":
-            outputs = slide_inference(self._run, inputs, crop, stride, batch_size, out_device=out_device)
-        else:
-            outputs = whole_inference(self._run, inputs, batch_size)
+        outputs = dense_inference(self._run, inputs, mode, crop, stride, batch_size, out_device)
         results = []
         for index, image in enumerate(tensors):
             size = tuple(image.shape[-2:])

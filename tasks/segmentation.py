@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from .base import DenseTask
-from .inference import slide_inference, whole_inference
+from .inference import dense_inference
 from .metrics.segmentation import SegmentationMetrics
-from .visualize import colorize_labels, denormalize, save_panels
+from .visualize import colorize_labels, denormalize, resize_picture, save_panels
 
 
 class SegmentationTask(DenseTask):
@@ -33,12 +33,11 @@ class SegmentationTask(DenseTask):
 
     def predict_scores(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Class scores ``(K, H_i, W_i)`` for each normalized ``(3, H_i, W_i)`` image."""
-        if self.eval_mode == "slide":
-            return slide_inference(self.dense, images, self.eval_crop, self.eval_stride, self.eval_batch_size)
-        return whole_inference(self.dense, images, self.eval_batch_size)
+        return dense_inference(self.dense, images, self.eval_mode, self.eval_crop, self.eval_stride,
+                               self.eval_batch_size)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        images = [image[:, :h, :w] for image, (h, w) in zip(batch["image"], (m["image_size"] for m in batch["meta"]))]
+        images = self.network_images(batch)
         for image, scores, mask, meta in zip(images, self.predict_scores(images), batch["mask"], batch["meta"]):
             height, width = meta["orig_size"]
             mask = mask[:height, :width]
@@ -47,10 +46,7 @@ class SegmentationTask(DenseTask):
             prediction = scores.argmax(0)
             self.val_metrics.update(prediction[None], mask[None])
             if len(self._vis_rows) < self.num_vis and self.vis_dir is not None:
-                picture = denormalize(image)
-                if picture.shape[:2] != mask.shape:
-                    picture = np.asarray(F.interpolate(torch.from_numpy(picture).permute(2, 0, 1)[None].float(),
-                                                       mask.shape)[0].permute(1, 2, 0).byte())
+                picture = resize_picture(denormalize(image), tuple(mask.shape))
                 self._vis_rows.append([picture, colorize_labels(mask.cpu().numpy(), self.num_classes),
                                        colorize_labels(prediction.cpu().numpy(), self.num_classes)])
 

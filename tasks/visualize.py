@@ -24,6 +24,13 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
     return (array * 255).round().astype(np.uint8)
 
 
+def resize_picture(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(H, W, 3)`` uint8 resized (nearest) to ``size``, to sit beside labels of that size."""
+    if picture.shape[:2] == tuple(size):
+        return picture
+    return np.asarray(Image.fromarray(picture).resize((size[1], size[0]), Image.NEAREST))
+
+
 def colorize_labels(labels: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
     """``(H, W)`` class ids to ``(H, W, 3)`` colours; ``ignore_index`` is grey."""
     colours = palette(num_classes)

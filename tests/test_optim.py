@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from heads import LinearSegHead
 from backbones import build_backbone
