@@ -80,12 +80,15 @@ def test_class_folders_train_a_linear_classifier(tmp_path, train_cli):
     assert list((run_dir / "vis").glob("val_step*.png"))
 
 
-def test_two_process_ddp_spawn_trains(tmp_path, train_cli):
+@pytest.mark.parametrize("strategy", [["trainer.strategy=ddp_spawn"], ["trainer=ddp"]], ids=["ddp_spawn", "ddp"])
+def test_two_process_ddp_trains(tmp_path, train_cli, strategy):
+    """2 CPU processes: ``ddp_spawn``, and the ``trainer=ddp`` config users run (Lightning relaunches train.py)."""
     run_dir = tmp_path / "run"
-    result = train_cli(*TINY, "trainer.accelerator=cpu", "trainer.strategy=ddp_spawn", "trainer.devices=2",
+    result = train_cli(*TINY, *strategy, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
                        "trainer.sync_batchnorm=false", f"hydra.run.dir={run_dir}")  # SyncBN needs GPUs
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val/mIoU" in _metrics(run_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # one output folder for both processes
 
 
 def test_non_finite_loss_names_the_term_and_files():
