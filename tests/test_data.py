@@ -153,3 +153,9 @@ def test_datamodule_batches():
     assert dm.class_names == list(CLASS_NAMES)
     val = next(iter(dm.val_dataloader()))
     assert val["mask"].shape == (3, 128, 128)
+
+
+def test_ade20k_class_names_reach_the_datamodule(tmp_path):
+    write_ade20k(tmp_path, num_train=1, num_val=1, size=(32, 32))
+    dm = DenseDataModule(ADE20K(tmp_path), ADE20K(tmp_path, "val"), ["mask"], 150, num_workers=0)
+    assert len(dm.class_names) == 150 and dm.class_names[0] == "wall" and dm.class_names[-1] == "flag"
