@@ -36,3 +36,20 @@ def test_scores_are_argmaxed():
     scores[0, 1, 0, 1] = 1
     metric.update(scores, torch.tensor([[[2, 1]]]))
     assert metric.compute()["mIoU"] == 1.0
+
+
+def test_dataset_miou_matches_segmentation_models_pytorch():
+    """Independent reference: smp's per-image tp/fp/fn, summed over the set, give the same IoUs."""
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    target = torch.randint(0, 6, (5, 24, 32))
+    target[:, :4] = 255
+    pred = torch.where(torch.rand(5, 24, 32) < 0.6, target.clamp(max=5), torch.randint(0, 6, (5, 24, 32)))
+    ours = SegmentationMetrics(num_classes=6)
+    ours.update(pred, target)
+    out = ours.compute()
+    tp, fp, fn, _ = smp.metrics.get_stats(pred, target, mode="multiclass", num_classes=6, ignore_index=255)
+    tp, fp, fn = tp.sum(0).double(), fp.sum(0).double(), fn.sum(0).double()
+    torch.testing.assert_close(out["IoU_per_class"].double(), tp / (tp + fp + fn), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["mIoU"].double(), (tp / (tp + fp + fn)).mean(), atol=1e-6, rtol=0)
