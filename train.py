@@ -5,6 +5,7 @@ head), the Trainer with checkpoints, CSV / TensorBoard logs and ``metrics.json``
 """
 
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -17,6 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from backbones import WeightsError
 from tasks.callbacks import MetricsJson
+
+# A frozen backbone stays in eval mode while the head trains: Lightning's warning about it is expected.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def _build(what: str, config: DictConfig, **kwargs):
