@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from backbones.features import Features
 from heads.depth_losses import GradientMatchingLoss, SiLogLoss
+from heads.ops.ms_deform_attn import as_size
 
 TARGET_STRIDES = (4, 8, 16, 32)
 
@@ -252,8 +253,8 @@ class DPTHead(nn.Module):
         h4, w4 = levels[0].shape[-2:]
         x = self.fusion[0](x, levels[0], size=(2 * h4, 2 * w4))  # stride 2
 
-        H, W = int(image_size[0]), int(image_size[1])
-        ph, pw = (int(v) for v in (features.padded_size or (0, 0)))
+        H, W = as_size(image_size[0]), as_size(image_size[1])
+        ph, pw = (as_size(v) for v in (features.padded_size or (0, 0)))
         full = (ph, pw) if ph >= H and pw >= W and ph > 0 else (H, W)
         x = self.head_conv1(x)
         x = F.interpolate(x, size=full, mode="bilinear", align_corners=True)
@@ -297,6 +298,7 @@ class DPTHead(nn.Module):
     def predict(self, outputs: dict[str, Tensor], image_size: tuple[int, int]) -> Tensor:
         """Depth ``(B, 1, H, W)`` in metres at ``image_size``."""
         depth = outputs["depth"]
-        if tuple(depth.shape[-2:]) != (int(image_size[0]), int(image_size[1])):
-            depth = F.interpolate(depth, size=tuple(image_size), mode="bilinear", align_corners=False)
+        size = (as_size(image_size[0]), as_size(image_size[1]))
+        if tuple(depth.shape[-2:]) != size:
+            depth = F.interpolate(depth, size=size, mode="bilinear", align_corners=False)
         return depth

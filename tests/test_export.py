@@ -183,3 +183,65 @@ def test_export_cli_with_onnx(tmp_path):
         assert np.abs(onnx_out - reference).max() < 1e-3
     config = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())
     assert config["onnx"]["file"] == "model.onnx" and config["onnx"]["max_abs_diff_vs_pytorch"] < 1e-3
+
+
+def _save_like_lightning(task, path: Path) -> None:
+    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+
+
+_BACKBONE = {"name": "vit_test", "weights": None}
+_ONNX_HEADS = {
+    "dpt_regression": ("tasks.depth.DepthTask", {"_target_": "heads.dpt.DPTHead", "features": 16, "head_hidden": 8}, None),
+    "dpt_bins": ("tasks.depth.DepthTask", {"_target_": "heads.dpt.DPTHead", "features": 16, "head_hidden": 8,
+                                           "output": "bins", "num_bins": 8, "readout": "project"}, None),
+    "mask2former": ("tasks.SegmentationTask", {"_target_": "heads.mask2former.Mask2FormerHead", "hidden_dim": 16,
+                                               "num_queries": 6, "dec_layers": 1, "enc_layers": 1, "num_heads": 2,
+                                               "dim_feedforward": 32, "num_points": 64}, 4),
+    "detr": ("tasks.detection.DetectionTask", {"_target_": "heads.detr.DETRHead", "hidden_dim": 16, "num_queries": 8,
+                                               "enc_layers": 1, "dec_layers": 2, "num_heads": 2, "num_points": 2,
+                                               "num_levels": 2, "ffn_dim": 32, "topk": 5}, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(_ONNX_HEADS))
+def test_onnx_round_trip_with_other_batch_and_size(tmp_path, name):
+    """Each dense head exports with dynamic batch / height / width and matches PyTorch at other shapes."""
+    import importlib
+
+    import onnxruntime as ort
+
+    target, head, num_classes = _ONNX_HEADS[name]
+    module, cls = target.rsplit(".", 1)
+    torch.manual_seed(0)
+    extra = {"num_classes": num_classes, "class_names": [f"c{i}" for i in range(num_classes)]} if num_classes else {}
+    task = getattr(importlib.import_module(module), cls)(backbone=_BACKBONE, head=head, **extra).eval()
+    _save_like_lightning(task, tmp_path / "a.ckpt")
+    report = export_checkpoint(tmp_path / "a.ckpt", tmp_path / "export", onnx=True)
+    assert report["onnx_diff"] < 1e-3
+    predictor = load_predictor(tmp_path / "export")
+    session = ort.InferenceSession(str(tmp_path / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for shape in ((1, 3, 32, 80), (3, 3, 96, 48)):  # the export example is (2, 3, 64, 96)
+        x = torch.randn(*shape)
+        outputs = session.run(None, {"images": x.numpy()})
+        with torch.no_grad():
+            reference = predictor.model(x)
+        if predictor.kind == "detection":
+            boxes, scores, labels, logits, raw = (torch.from_numpy(o) for o in outputs)
+            assert boxes.shape == (shape[0], 5, 4) and logits.shape == (shape[0], 8, 3) and raw.shape == (shape[0], 8, 4)
+            torch.testing.assert_close(boxes, torch.stack([p["boxes"] for p in reference]), atol=1e-3, rtol=0)
+            torch.testing.assert_close(scores, torch.stack([p["scores"] for p in reference]), atol=1e-4, rtol=0)
+            assert torch.equal(labels, torch.stack([p["labels"] for p in reference]))
+            with torch.no_grad():
+                padded = predictor.model.backbone(x)
+                raw_ref = predictor.model.head(padded, padded.padded_size)
+            torch.testing.assert_close(logits, raw_ref["pred_logits"], atol=1e-4, rtol=0)
+            torch.testing.assert_close(raw, raw_ref["pred_boxes"], atol=1e-4, rtol=0)
+        else:
+            (dense,) = outputs
+            channels = 1 if predictor.kind == "depth" else num_classes
+            assert dense.shape == reference.shape == (shape[0], channels, *shape[2:])
+            assert np.abs(dense - reference.numpy()).max() < 1e-3
+    config = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())
+    assert config["onnx"]["max_abs_diff_vs_pytorch"] < 1e-3 and config["onnx"]["outputs"]

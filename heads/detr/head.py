@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
+from ..ops.ms_deform_attn import as_size
 from .criterion import SetCriterion
 from .matcher import HungarianMatcher
 from .transformer import (
@@ -232,6 +233,23 @@ class DETRHead(nn.Module):
         return self.criterion(outputs, norm_targets, self.one_to_many_k)
 
     @torch.no_grad()
+    def predict_batched(self, outputs: dict, image_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`predict` as batch tensors ``boxes (B, k, 4)``, ``scores (B, k)``, ``labels (B, k)``.
+
+        No Python loop over the batch and no Python value of a size, so it traces with a dynamic batch and
+        image size (ONNX export).
+        """
+        H, W = as_size(image_size[0]), as_size(image_size[1])
+        prob = outputs["pred_logits"].float().sigmoid()
+        Q, K = prob.shape[1:]
+        k = min(self.topk, Q * K)
+        scores, idx = prob.flatten(1).topk(k, dim=1)
+        query, labels = idx // K, idx % K
+        boxes = torch.gather(outputs["pred_boxes"].float(), 1, query[..., None].expand(-1, -1, 4))
+        scale = torch.stack([torch.scalar_tensor(v, dtype=torch.float32, device=prob.device) for v in (W, H, W, H)])
+        return box_convert(boxes, "cxcywh", "xyxy") * scale, scores, labels
+
+    @torch.no_grad()
     def predict(self, outputs: dict, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
         """Top-k over all ``(query, class)`` sigmoid scores (Deformable-DETR post-processing).
 
@@ -241,14 +259,5 @@ class DETRHead(nn.Module):
             resized to ``(h1, w1)`` before padding to ``image_size``, use ``boxes * [w0/w1, h0/h1, w0/w1, h0/h1]``
             (clip to the original size if wanted).
         """
-        H, W = image_size
-        prob = outputs["pred_logits"].float().sigmoid()
-        B, Q, K = prob.shape
-        k = min(self.topk, Q * K)
-        scores, idx = prob.flatten(1).topk(k, dim=1)
-        query, labels = idx // K, idx % K
-        boxes = torch.gather(outputs["pred_boxes"].float(), 1, query[..., None].expand(-1, -1, 4))
-        boxes = box_convert(boxes, "cxcywh", "xyxy") * torch.tensor(
-            [W, H, W, H], dtype=torch.float32, device=prob.device
-        )
-        return [{"boxes": boxes[b], "scores": scores[b], "labels": labels[b]} for b in range(B)]
+        boxes, scores, labels = self.predict_batched(outputs, image_size)
+        return [{"boxes": boxes[b], "scores": scores[b], "labels": labels[b]} for b in range(boxes.shape[0])]

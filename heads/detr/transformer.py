@@ -183,8 +183,9 @@ def level_geometry(
             indexing="ij",
         )
         centres.append(torch.stack([xs.flatten() / rx, ys.flatten() / ry], -1))
-        ratios.append([rx, ry])
-    return torch.cat(centres), torch.tensor(ratios, dtype=torch.float32, device=device)
+        # scalar_tensor, not torch.tensor: traced sizes stay symbolic (ONNX export with dynamic H, W)
+        ratios.append(torch.stack([torch.scalar_tensor(r, dtype=torch.float32, device=device) for r in (rx, ry)]))
+    return torch.cat(centres), torch.stack(ratios)
 
 
 class DeformableEncoder(nn.Module):

@@ -131,7 +131,7 @@ class MaskedTransformerDecoder(nn.Module):
         with torch.no_grad():
             small = F.interpolate(masks.detach(), size=attn_size, mode="bilinear", align_corners=False)
             blocked = small.flatten(2).sigmoid() < 0.5  # (B, Q, h*w), True = may not attend
-            blocked[blocked.all(-1)] = False  # a query that would see nothing sees everything
+            blocked = blocked & ~blocked.all(-1, keepdim=True)  # a query that would see nothing sees everything
             blocked = blocked.repeat_interleave(self.num_heads, dim=0)  # (B*M, Q, h*w), batch-major like MHA
         return logits, masks, blocked
 

@@ -18,6 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def as_size(value) -> int:
+    """A size as an ``int``; a ``torch.SymInt`` (shape while tracing, e.g. ONNX export) stays symbolic.
+
+    ``int()`` of a traced size would bake the example's value into the exported graph.
+    """
+    return value if isinstance(value, (int, torch.SymInt)) else int(value)
+
+
 def ms_deform_attn_core(
     value: Tensor,
     spatial_shapes: list[tuple[int, int]],
@@ -119,7 +127,7 @@ class MSDeformAttn(nn.Module):
         """
         b, lq, _ = query.shape
         s = value_input.shape[1]
-        spatial_shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+        spatial_shapes = [(as_size(h), as_size(w)) for h, w in spatial_shapes]
         if len(spatial_shapes) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} levels, got {len(spatial_shapes)}")
         if sum(h * w for h, w in spatial_shapes) != s:
@@ -140,7 +148,11 @@ class MSDeformAttn(nn.Module):
         ref = reference_points[:, :, None, :, None, :]  # (B, Lq, 1, L, 1, 2|4)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (w_l, h_l)
-            normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+            # (L, 2) of (w_l, h_l); scalar_tensor keeps traced sizes symbolic where torch.tensor would freeze them
+            normalizer = torch.stack([
+                torch.stack([torch.scalar_tensor(v, dtype=query.dtype, device=query.device) for v in (w, h)])
+                for h, w in spatial_shapes
+            ])
             locations = ref + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             locations = ref[..., :2] + offsets / num_points * ref[..., 2:] * 0.5
