@@ -56,11 +56,13 @@ class DenseTask(L.LightningModule):
         return self.head(features, features.padded_size)
 
     def dense(self, images: torch.Tensor) -> torch.Tensor:
-        """Dense prediction ``(B, C, H, W)`` at the input size (class scores or depth), padding handled."""
-        height, width = images.shape[-2:]
-        padded = self.pad_to_stride(images)
-        prediction = self.head.predict(self(padded), tuple(padded.shape[-2:]))
-        return prediction[..., :height, :width]
+        """Dense prediction ``(B, C, H, W)`` at the input size (class scores or depth).
+
+        The backbone pads the input to its stride; the padding is cut from the prediction.
+        """
+        features = self.backbone(images)
+        prediction = self.head.predict(self.head(features, features.padded_size), features.padded_size)
+        return prediction[..., :images.shape[-2], :images.shape[-1]]
 
     @staticmethod
     def network_images(batch: dict) -> list[torch.Tensor]:

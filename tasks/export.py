@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_file
 from torch import nn
@@ -124,9 +123,7 @@ class _DetectionOutputs(nn.Module):
     def forward(self, images):
         model = self.model
         height, width = images.shape[-2:]
-        multiple = model.backbone.pad_to
-        padded = F.pad(images, (0, (-width) % multiple, 0, (-height) % multiple))
-        features = model.backbone(padded)
+        features = model.backbone(images)  # pads bottom/right to the backbone stride
         outputs = model.head(features, features.padded_size)
         if hasattr(model.head, "predict_batched"):
             boxes, scores, labels = model.head.predict_batched(outputs, features.padded_size)

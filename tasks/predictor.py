@@ -65,9 +65,7 @@ class DenseModel(nn.Module):
 
     def forward(self, images: torch.Tensor):
         height, width = images.shape[-2:]
-        multiple = self.backbone.pad_to
-        padded = F.pad(images, (0, (-width) % multiple, 0, (-height) % multiple))
-        features = self.backbone(padded)
+        features = self.backbone(images)  # pads bottom/right to the backbone stride
         prediction = self.head.predict(self.head(features, features.padded_size), features.padded_size)
         if self.kind == "detection":
             limit = torch.tensor([width, height, width, height], dtype=torch.float32)
