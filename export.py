@@ -4,7 +4,8 @@ Writes into ``out``: ``head.safetensors`` (the head weights), ``config.yaml`` (t
 weights source, out_indices, freeze, head ``_target_`` and arguments, classes, mean/std, eval settings) and,
 only when the backbone is random-init or was trained, ``backbone.safetensors``. ``onnx=true`` adds
 ``model.onnx`` (backbone + head, dynamic batch / height / width, checked against PyTorch with onnxruntime).
-Rebuild with ``tasks.load_predictor(out)``.
+Rebuild with ``tasks.load_predictor(out)``. ``ckpt`` may also be one of Meta's released head files, with
+``backbone=NAME backbone_weights=SOURCE`` naming the backbone it runs on.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from predict import parse_key_values
 
-DEFAULTS = {"ckpt": None, "out": None, "onnx": False, "verify": True}
+DEFAULTS = {"ckpt": None, "out": None, "onnx": False, "verify": True,
+            "backbone": None, "backbone_weights": None}  # backbone: only for Meta's released head files
 
 
 def main(argv: list[str]) -> int:
@@ -24,7 +26,8 @@ def main(argv: list[str]) -> int:
     from tasks.export import export_checkpoint
 
     try:
-        report = export_checkpoint(args["ckpt"], args["out"], onnx=bool(args["onnx"]), verify=bool(args["verify"]))
+        report = export_checkpoint(args["ckpt"], args["out"], onnx=bool(args["onnx"]), verify=bool(args["verify"]),
+                                   backbone=args["backbone"], backbone_weights=args["backbone_weights"])
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """Predict with a trained head: ``python predict.py ckpt=PATH input=FILE_OR_FOLDER output=DIR [key=value ...]``.
 
-``ckpt`` is a ``train.py`` checkpoint or an ``export.py`` folder. For each image it writes the raw result and
+``ckpt`` is a ``train.py`` checkpoint, an ``export.py`` folder, or one of Meta's released head files with
+``backbone=NAME backbone_weights=SOURCE``. For each image it writes the raw result and
 a picture into ``output`` (folder structure of ``input`` kept):
 
 - segmentation: ``NAME_labels.png`` (class ids, 8-bit, 16-bit above 256 classes) and ``NAME_overlay.png``
@@ -27,6 +28,7 @@ DEFAULTS = {
     "tta_flip": None, "tta_scales": None,                 # None: the checkpoint's eval settings
     "device": "cpu", "out_device": "cpu",                                # out_device=cpu: sums live in RAM
     "depth_format": "png", "score_threshold": 0.3, "alpha": 0.5, "images_per_step": 8,
+    "backbone": None, "backbone_weights": None,     # only for Meta's released head files: the backbone they run on
 }
 REQUIRED = ("ckpt", "input", "output")
 
@@ -159,7 +161,8 @@ def main(argv: list[str]) -> int:
         print(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args['input']}", file=sys.stderr)
         return 2
     try:
-        predictor = load_predictor(args["ckpt"], device=args["device"])
+        predictor = load_predictor(args["ckpt"], device=args["device"], backbone=args["backbone"],
+                                   backbone_weights=args["backbone_weights"])
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error loading {args['ckpt']}: {err}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ from .base import DenseTask
 from .classification import ClassificationTask
 from .depth import DepthTask
 from .detection import DetectionTask
-from .predictor import load_predictor
+from .loading import load_predictor
 from .segmentation import SegmentationTask
 
 __all__ = ["ClassificationTask", "DenseTask", "DepthTask", "DetectionTask", "SegmentationTask", "load_predictor"]

@@ -17,8 +17,8 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from .predictor import (BACKBONE_FILE, CONFIG_FILE, EXPORT_FORMAT, HEAD_FILE, DenseModel, Predictor,
-                        load_predictor)
+from .loading import load_predictor
+from .predictor import BACKBONE_FILE, CONFIG_FILE, EXPORT_FORMAT, HEAD_FILE, DenseModel, Predictor
 
 ONNX_FILE = "model.onnx"
 ONNX_TOLERANCE = 1e-3
@@ -231,9 +231,11 @@ def export_onnx(predictor: Predictor, path: str | Path, example_size: tuple[int,
     return diff
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, onnx: bool = False, verify: bool = True) -> dict:
-    """Export a ``train.py`` checkpoint to ``out``; returns ``{"config", "verify_diff", "onnx_diff"}``."""
-    predictor = load_predictor(ckpt)
+def export_checkpoint(ckpt: str | Path, out: str | Path, onnx: bool = False, verify: bool = True,
+                      backbone: str | None = None, backbone_weights: str | None = None) -> dict:
+    """Export a ``train.py`` checkpoint (or a Meta head file on ``backbone``) to ``out``; returns
+    ``{"config", "verify_diff", "onnx_diff"}``."""
+    predictor = load_predictor(ckpt, backbone=backbone, backbone_weights=backbone_weights)
     config = export_predictor(predictor, out)
     report = {"config": config, "verify_diff": None, "onnx_diff": None}
     if verify:
