@@ -60,7 +60,7 @@ class DinoBackbone(nn.Module):
                 maps = self.model.forward_intermediates(images, indices=self.out_indices, intermediates_only=True)
                 cls = None
         return Features(maps=maps, cls=cls, strides=self.strides, channels=self.channels,
-                        patch_size=self.patch_size, padded_size=(height + pad_h, width + pad_w))
+                        patch_size=self.patch_size, padded_size=(height + pad_h, width + pad_w), images=images)
 
 
 def build_backbone(name: str, weights: str | None = None, out_indices: list[int] | None = None,

@@ -17,6 +17,8 @@ class Features:
         patch_size: the ViT patch size (16), or the ConvNeXt stem stride (4).
         padded_size: ``(H, W)`` of the input after bottom/right padding to a multiple of the
             backbone's stride; the maps cover this size, the original image is its top-left corner.
+        images: the normalized input ``(B, 3, H, W)`` at ``padded_size``, for heads that also read pixels
+            (the ViT-Adapter's convolutional spatial prior); ``None`` when the maps come from elsewhere.
     """
 
     maps: list[torch.Tensor]
@@ -25,3 +27,4 @@ class Features:
     channels: list[int]
     patch_size: int
     padded_size: tuple[int, int] = field(default=(0, 0))
+    images: torch.Tensor | None = None

@@ -73,9 +73,11 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def build_head(head_cfg: dict, channels: Sequence[int], strides: Sequence[int], num_classes: int | None) -> nn.Module:
-    """Instantiate a head as ``DenseTask`` does: ``in_channels``/``strides`` from the backbone."""
+    """Instantiate a head as ``DenseTask`` does: ``in_channels``/``strides`` from the backbone (a ``weights``
+    entry, the training's starting point, is not re-read: the weights to load come with the model)."""
     extra = {"num_classes": num_classes} if num_classes is not None else {}
-    return instantiate(dict(head_cfg), in_channels=list(channels), strides=list(strides), **extra)
+    head_cfg = {k: v for k, v in dict(head_cfg).items() if k != "weights"}
+    return instantiate(head_cfg, in_channels=list(channels), strides=list(strides), **extra)
 
 
 def _load_backbone_tensors(backbone: nn.Module, state: dict[str, torch.Tensor], source: str, complete: bool) -> None:

@@ -63,7 +63,9 @@ class MetaFormat:
 
 
 # Where each head family's format lives ("module:attribute"); a family adds its line here.
-FORMATS: tuple[str, ...] = ()
+FORMATS: tuple[str, ...] = (
+    "heads.mask2former.meta_checkpoint:META_SEGMENTOR",
+)
 
 
 def formats() -> list[MetaFormat]:
@@ -98,6 +100,15 @@ def detect_format(state: dict[str, torch.Tensor], source: str | Path) -> MetaFor
             return fmt
     known = ", ".join(f.name for f in formats()) or "none registered"
     raise ExportError(f"{source}: keys {sorted(state)[:6]} match none of Meta's released head formats ({known})")
+
+
+def load_meta_head_weights(head: torch.nn.Module, path: str | Path, backbone: str) -> None:
+    """Initialise ``head`` from one of Meta's head files (``head.weights=PATH`` in a training config): the file is
+    converted for the named backbone and must fit the head built from the config exactly."""
+    state = read_meta_file(path)
+    fmt = detect_format(state, path)
+    meta = fmt.convert(state, get_spec(backbone), str(path))
+    _load_head_tensors(head, meta.state, f"{path} ({fmt.name})")
 
 
 def predictor_from_meta(path: str | Path, backbone: str, backbone_weights: str | None, device="cpu",

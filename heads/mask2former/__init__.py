@@ -1,5 +1,6 @@
 """Mask2Former semantic-segmentation head (masked-attention mask transformer) for backbone ``Features``."""
 
+from .adapter import ViTAdapter
 from .criterion import Mask2FormerCriterion, semantic_to_targets
 from .head import Mask2FormerHead
 from .matcher import HungarianMatcher
@@ -14,5 +15,6 @@ __all__ = [
     "Mask2FormerHead",
     "MaskedTransformerDecoder",
     "SimpleFeaturePyramid",
+    "ViTAdapter",
     "semantic_to_targets",
 ]

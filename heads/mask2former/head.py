@@ -1,9 +1,15 @@
 """Mask2Former semantic-segmentation head on backbone ``Features``.
 
-``SimpleFeaturePyramid`` (strides 4/8/16/32, ``hidden_dim`` wide) -> ``MSDeformAttnPixelDecoder``
-(per-pixel embeddings at 1/4 + 3 refined levels) -> ``MaskedTransformerDecoder`` (``num_queries``
-class logits and mask logits per layer) -> ``Mask2FormerCriterion`` for training, and
-``softmax(class)[..., :-1] x sigmoid(mask)`` summed over queries for the semantic prediction.
+neck (strides 4/8/16/32) -> ``MSDeformAttnPixelDecoder`` (per-pixel embeddings at 1/4 + 3 refined
+levels) -> ``MaskedTransformerDecoder`` (``num_queries`` class logits and mask logits per layer) ->
+``Mask2FormerCriterion`` for training, and ``softmax(class)[..., :-1] x sigmoid(mask)`` summed over
+queries for the semantic prediction.
+
+Necks: ``pyramid`` (``SimpleFeaturePyramid``: resampled backbone maps, any backbone) or ``adapter``
+(``ViTAdapter``, Meta's DINOv3 segmentor: a conv stem on the input pixels that reads four ViT layers by
+deformable attention; it takes the images from ``Features.images``). Pixel-decoder layouts: ``projected``
+(every level is brought to ``hidden_dim`` by the neck: 1x1 conv + GroupNorm) or ``meta`` (the decoder
+projects the three coarse levels itself and the stride-4 level enters its lateral conv unprojected).
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapter import ViTAdapter
 from .criterion import Mask2FormerCriterion, semantic_to_targets
 from .pixel_decoder import MSDeformAttnPixelDecoder
-from .pyramid import SimpleFeaturePyramid
+from .pyramid import SimpleFeaturePyramid, group_norm
 from .transformer_decoder import MaskedTransformerDecoder
 
 
@@ -41,6 +48,11 @@ class Mask2FormerHead(nn.Module):
         deep_supervision: also supervise every auxiliary prediction.
         deform_points: MSDeformAttn sampling points per head and level.
         ignore_index: label ignored in the targets.
+        neck: ``pyramid`` | ``adapter`` (ViT backbones only: four maps of one width at one stride).
+        pixel_decoder_layout: ``projected`` | ``meta`` (see the module docstring).
+        adapter: keyword arguments of ``ViTAdapter`` (``conv_inplanes``, ``num_heads``, ``num_points``,
+            ``value_ratio``, ``ffn_ratio``, ``drop_path_rate``, ``extra_extractors``, ``add_vit_features``,
+            ``grad_checkpointing``) when ``neck="adapter"``.
 
     ``forward(features, image_size)`` -> ``{"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, ceil(H/4), ceil(W/4)),
     "aux_outputs": [{"pred_logits", "pred_masks"}] * dec_layers}``.
@@ -67,6 +79,9 @@ class Mask2FormerHead(nn.Module):
         deep_supervision: bool = True,
         deform_points: int = 4,
         ignore_index: int = 255,
+        neck: str = "pyramid",
+        pixel_decoder_layout: str = "projected",
+        adapter: dict | None = None,
     ):
         super().__init__()
         if hidden_dim % num_heads != 0:
@@ -74,9 +89,30 @@ class Mask2FormerHead(nn.Module):
         dim_feedforward = dim_feedforward or 4 * hidden_dim
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.pyramid = SimpleFeaturePyramid(in_channels, strides, hidden_dim)
+        if neck not in ("pyramid", "adapter"):
+            raise ValueError(f"neck must be 'pyramid' or 'adapter', got {neck!r}")
+        if pixel_decoder_layout not in ("projected", "meta"):
+            raise ValueError(f"pixel_decoder_layout must be 'projected' or 'meta', got {pixel_decoder_layout!r}")
+        self.neck = neck
+        if neck == "adapter":
+            if len(in_channels) != 4 or len(set(in_channels)) != 1 or len(set(strides)) != 1:
+                raise ValueError(f"neck='adapter' needs a ViT: 4 maps of one width at one stride, got channels "
+                                 f"{list(in_channels)} at strides {list(strides)}")
+            self.adapter = ViTAdapter(in_channels[0], **dict(adapter or {}))
+            level_channels = [in_channels[0]] * 4
+            self.level_proj = None
+            if pixel_decoder_layout == "projected":
+                self.level_proj = nn.ModuleList(
+                    nn.Sequential(nn.Conv2d(c, hidden_dim, 1), group_norm(hidden_dim)) for c in level_channels)
+                level_channels = [hidden_dim] * 4
+        else:
+            if adapter:
+                raise ValueError("adapter settings given but neck is 'pyramid'; set neck='adapter'")
+            self.pyramid = SimpleFeaturePyramid(in_channels, strides, hidden_dim)
+            level_channels = [hidden_dim] * 4
         self.pixel_decoder = MSDeformAttnPixelDecoder(
-            hidden_dim, num_heads, enc_layers, dim_feedforward, deform_points, num_encoder_levels=3, num_levels=4
+            hidden_dim, num_heads, enc_layers, dim_feedforward, deform_points, num_encoder_levels=3, num_levels=4,
+            in_channels=level_channels if pixel_decoder_layout == "meta" else None,
         )
         self.transformer_decoder = MaskedTransformerDecoder(
             hidden_dim, num_classes, num_queries, dec_layers, num_heads, dim_feedforward, num_feature_levels=3
@@ -94,14 +130,29 @@ class Mask2FormerHead(nn.Module):
         )
 
     def forward(self, features, image_size: tuple[int, int]) -> dict:
-        """``features``: ``Features`` (or anything with ``.maps``); ``image_size``: padded input ``(H, W)``."""
-        dtype = self.pixel_decoder.level_embed.dtype
-        levels = self.pyramid([m.to(dtype) for m in features.maps])
+        """``features``: ``Features`` (or anything with ``.maps``, and ``.images`` for the adapter);
+        ``image_size``: padded input ``(H, W)``."""
+        levels = self.neck_levels(features)
         mask_features, multi_scale = self.pixel_decoder(levels)
         size = (math.ceil(image_size[0] / 4), math.ceil(image_size[1] / 4))
         if tuple(mask_features.shape[-2:]) != size:
             mask_features = F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
         return self.transformer_decoder(multi_scale, mask_features)
+
+    def neck_levels(self, features) -> list[Tensor]:
+        """The pixel decoder's input: 4 levels ``(B, C, H / s, W / s)``, ``s`` = 4, 8, 16, 32."""
+        dtype = self.pixel_decoder.level_embed.dtype
+        maps = [m.to(dtype) for m in features.maps]
+        if self.neck == "pyramid":
+            return self.pyramid(maps)
+        images = getattr(features, "images", None)
+        if images is None:
+            raise ValueError("neck='adapter' reads the input pixels, but Features.images is None: pass Features "
+                             "from backbones.DinoBackbone (or set images=the normalized, padded input)")
+        levels = self.adapter(images.to(dtype), maps)
+        if self.level_proj is not None:
+            levels = [proj(level) for proj, level in zip(self.level_proj, levels)]
+        return levels
 
     def loss(self, outputs: dict, targets: dict) -> dict[str, Tensor]:
         """``targets["mask"]``: ``(B, H, W)`` long -> weighted ``{"loss_ce", "loss_mask", "loss_dice"}`` summed over layers."""

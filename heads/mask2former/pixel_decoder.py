@@ -1,10 +1,18 @@
 """Mask2Former pixel decoder: a deformable-attention encoder over the coarse levels + an FPN step.
 
-Input: pyramid levels finest first, all ``hidden_dim`` wide (e.g. from ``SimpleFeaturePyramid``),
-strides 4/8/16/32. The ``num_encoder_levels`` coarsest (1/8, 1/16, 1/32) are flattened together and
-refined by ``enc_layers`` MSDeformAttn encoder layers (Deformable DETR, post-norm); the finer levels
-(1/4) are then built top-down FPN style: ``relu(gn(conv3x3(lateral(x) + up(coarser))))``. A 1x1
-conv on the finest map gives the per-pixel embeddings ``mask_features``.
+Input: pyramid levels finest first, strides 4/8/16/32. The ``num_encoder_levels`` coarsest (1/8, 1/16,
+1/32) are flattened together and refined by ``enc_layers`` MSDeformAttn encoder layers (Deformable
+DETR, post-norm); the finer levels (1/4) are then built top-down FPN style:
+``relu(gn(conv3x3(lateral(x) + up(coarser))))``. A 1x1 conv on the finest map gives the per-pixel
+embeddings ``mask_features``.
+
+Two input layouts:
+
+- ``in_channels=None`` (default): every level is already ``hidden_dim`` wide (``SimpleFeaturePyramid``
+  projects them); the encoder reads the levels as they are.
+- ``in_channels=[C_1/4, C_1/8, C_1/16, C_1/32]`` (Meta's layout): the decoder owns the projections of the
+  encoder levels (``input_convs``: 1x1 conv + GroupNorm each) and the stride-4 level enters its lateral
+  conv unprojected (a 1x1 conv from ``C_1/4`` straight to ``hidden_dim``).
 """
 
 from __future__ import annotations
@@ -85,6 +93,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         num_encoder_levels: how many of the coarsest levels the encoder sees (3).
         num_levels: total input levels (4); the ``num_levels - num_encoder_levels`` finest go through the FPN.
         mask_dim: channels of ``mask_features`` (default ``hidden_dim``).
+        in_channels: widths of the input levels, finest first, when they are not ``hidden_dim`` wide
+            (Meta's layout, see the module docstring); ``None``: all ``hidden_dim``.
 
     ``forward(levels)``: list of ``(B, D, h_l, w_l)`` finest first ->
     ``(mask_features (B, mask_dim, h_0, w_0), multi_scale [(B, D, h, w)] coarsest first)``, where
@@ -102,10 +112,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
         num_levels: int = 4,
         mask_dim: int | None = None,
         dropout: float = 0.0,
+        in_channels: Sequence[int] | None = None,
     ):
         super().__init__()
         if not 0 < num_encoder_levels <= num_levels:
             raise ValueError("need 0 < num_encoder_levels <= num_levels")
+        if in_channels is not None and len(in_channels) != num_levels:
+            raise ValueError(f"in_channels {list(in_channels)} must give one width per level ({num_levels})")
         self.num_encoder_levels = num_encoder_levels
         self.num_levels = num_levels
         self.hidden_dim = hidden_dim
@@ -116,8 +129,18 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for _ in range(enc_layers)
         )
         n_fpn = num_levels - num_encoder_levels
+        widths = list(in_channels) if in_channels is not None else [hidden_dim] * num_levels
+        if in_channels is not None:
+            self.input_convs = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(c, hidden_dim, 1), group_norm(hidden_dim)) for c in widths[::-1][:num_encoder_levels]
+            )
+            for proj in self.input_convs:
+                nn.init.xavier_uniform_(proj[0].weight)
+                nn.init.zeros_(proj[0].bias)
+        else:
+            self.input_convs = None
         self.lateral_convs = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(hidden_dim, hidden_dim, 1, bias=False), group_norm(hidden_dim)) for _ in range(n_fpn)
+            nn.Sequential(nn.Conv2d(c, hidden_dim, 1, bias=False), group_norm(hidden_dim)) for c in widths[::-1][num_encoder_levels:]
         )
         self.output_convs = nn.ModuleList(
             nn.Sequential(nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, bias=False), group_norm(hidden_dim), nn.ReLU())
@@ -130,6 +153,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             raise ValueError(f"expected {self.num_levels} levels, got {len(levels)}")
         # encoder levels, coarsest first (1/32, 1/16, 1/8)
         enc_in = list(levels[::-1][: self.num_encoder_levels])
+        if self.input_convs is not None:
+            enc_in = [proj(x) for proj, x in zip(self.input_convs, enc_in)]
         b = enc_in[0].shape[0]
         shapes = [(x.shape[-2], x.shape[-1]) for x in enc_in]
         src = torch.cat([x.flatten(2).transpose(1, 2) for x in enc_in], 1)  # (B, S, D)

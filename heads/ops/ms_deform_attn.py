@@ -70,20 +70,26 @@ class MSDeformAttn(nn.Module):
         num_heads: attention heads ``M``.
         num_levels: feature levels ``L``.
         num_points: sampling points ``P`` per head and level.
+        value_ratio: width of the values as a fraction of ``embed_dim`` (``value_proj`` maps ``C`` to
+            ``int(C * value_ratio)``, ``output_proj`` maps it back); ViT-Adapter uses 0.5.
     """
 
-    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4):
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
+                 value_ratio: float = 1.0):
         super().__init__()
-        if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        value_dim = int(embed_dim * value_ratio)
+        if value_dim <= 0 or value_dim % num_heads != 0:
+            raise ValueError(f"value width int(embed_dim * value_ratio) = int({embed_dim} * {value_ratio}) = {value_dim} "
+                             f"must be a positive multiple of num_heads ({num_heads})")
         self.embed_dim = embed_dim
+        self.value_dim = value_dim
         self.num_heads = num_heads
         self.num_levels = num_levels
         self.num_points = num_points
         self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
-        self.value_proj = nn.Linear(embed_dim, embed_dim)
-        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.value_proj = nn.Linear(embed_dim, value_dim)
+        self.output_proj = nn.Linear(value_dim, embed_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -137,7 +143,7 @@ class MSDeformAttn(nn.Module):
         value = self.value_proj(value_input)
         if value_padding_mask is not None:
             value = value.masked_fill(value_padding_mask[..., None], 0.0)
-        value = value.view(b, s, m, self.embed_dim // m)
+        value = value.view(b, s, m, self.value_dim // m)
 
         offsets = self.sampling_offsets(query).view(b, lq, m, num_levels, num_points, 2)
         weights = self.attention_weights(query).view(b, lq, m, num_levels * num_points)
