@@ -52,7 +52,7 @@ class Mask2FormerHead(nn.Module):
         pixel_decoder_layout: ``projected`` | ``meta`` (see the module docstring).
         adapter: keyword arguments of ``ViTAdapter`` (``conv_inplanes``, ``num_heads``, ``num_points``,
             ``value_ratio``, ``ffn_ratio``, ``drop_path_rate``, ``extra_extractors``, ``add_vit_features``,
-            ``grad_checkpointing``) when ``neck="adapter"``.
+            ``grad_checkpointing``), used when ``neck="adapter"``.
 
     ``forward(features, image_size)`` -> ``{"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, ceil(H/4), ceil(W/4)),
     "aux_outputs": [{"pred_logits", "pred_masks"}] * dec_layers}``.
@@ -94,20 +94,18 @@ class Mask2FormerHead(nn.Module):
         if pixel_decoder_layout not in ("projected", "meta"):
             raise ValueError(f"pixel_decoder_layout must be 'projected' or 'meta', got {pixel_decoder_layout!r}")
         self.neck = neck
+        self.level_proj = None
         if neck == "adapter":
             if len(in_channels) != 4 or len(set(in_channels)) != 1 or len(set(strides)) != 1:
                 raise ValueError(f"neck='adapter' needs a ViT: 4 maps of one width at one stride, got channels "
                                  f"{list(in_channels)} at strides {list(strides)}")
             self.adapter = ViTAdapter(in_channels[0], **dict(adapter or {}))
             level_channels = [in_channels[0]] * 4
-            self.level_proj = None
             if pixel_decoder_layout == "projected":
                 self.level_proj = nn.ModuleList(
                     nn.Sequential(nn.Conv2d(c, hidden_dim, 1), group_norm(hidden_dim)) for c in level_channels)
                 level_channels = [hidden_dim] * 4
         else:
-            if adapter:
-                raise ValueError("adapter settings given but neck is 'pyramid'; set neck='adapter'")
             self.pyramid = SimpleFeaturePyramid(in_channels, strides, hidden_dim)
             level_channels = [hidden_dim] * 4
         self.pixel_decoder = MSDeformAttnPixelDecoder(
