@@ -202,3 +202,17 @@ def test_train_py_runs_with_the_adapter_head(tmp_path, train_cli):
         "trainer.max_steps=3", "trainer.val_check_interval=3", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("fp32", [True, False])
+def test_fp32_pixel_decoder_under_autocast(fp32):
+    backbone = build_backbone("vit_test")
+    head = Mask2FormerHead(backbone.channels, backbone.strides, 3, neck="adapter", pixel_decoder_layout="meta",
+                           adapter={"conv_inplanes": 8}, fp32_pixel_decoder=fp32, **TINY).eval()
+    seen = []
+    head.pixel_decoder.register_forward_hook(lambda module, args, out: seen.append(out[0].dtype))
+    features = backbone(torch.randn(1, 3, 64, 64))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = head(features, features.padded_size)
+    assert seen == [torch.float32 if fp32 else torch.bfloat16]
+    assert torch.isfinite(outputs["pred_masks"].float()).all()

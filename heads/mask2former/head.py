@@ -53,6 +53,7 @@ class Mask2FormerHead(nn.Module):
         adapter: keyword arguments of ``ViTAdapter`` (``conv_inplanes``, ``num_heads``, ``num_points``,
             ``value_ratio``, ``ffn_ratio``, ``drop_path_rate``, ``extra_extractors``, ``add_vit_features``,
             ``grad_checkpointing``), used when ``neck="adapter"``.
+        fp32_pixel_decoder: run the pixel decoder in float32 even under autocast (Meta's head does).
 
     ``forward(features, image_size)`` -> ``{"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, ceil(H/4), ceil(W/4)),
     "aux_outputs": [{"pred_logits", "pred_masks"}] * dec_layers}``.
@@ -82,6 +83,7 @@ class Mask2FormerHead(nn.Module):
         neck: str = "pyramid",
         pixel_decoder_layout: str = "projected",
         adapter: dict | None = None,
+        fp32_pixel_decoder: bool = False,
     ):
         super().__init__()
         if hidden_dim % num_heads != 0:
@@ -94,6 +96,7 @@ class Mask2FormerHead(nn.Module):
         if pixel_decoder_layout not in ("projected", "meta"):
             raise ValueError(f"pixel_decoder_layout must be 'projected' or 'meta', got {pixel_decoder_layout!r}")
         self.neck = neck
+        self.fp32_pixel_decoder = fp32_pixel_decoder
         self.level_proj = None
         if neck == "adapter":
             if len(in_channels) != 4 or len(set(in_channels)) != 1 or len(set(strides)) != 1:
@@ -131,7 +134,12 @@ class Mask2FormerHead(nn.Module):
         """``features``: ``Features`` (or anything with ``.maps``, and ``.images`` for the adapter);
         ``image_size``: padded input ``(H, W)``."""
         levels = self.neck_levels(features)
-        mask_features, multi_scale = self.pixel_decoder(levels)
+        device_type = levels[0].device.type
+        if self.fp32_pixel_decoder and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                mask_features, multi_scale = self.pixel_decoder([level.float() for level in levels])
+        else:
+            mask_features, multi_scale = self.pixel_decoder(levels)
         size = (math.ceil(image_size[0] / 4), math.ceil(image_size[1] / 4))
         if tuple(mask_features.shape[-2:]) != size:
             mask_features = F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)

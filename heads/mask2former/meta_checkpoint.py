@@ -133,6 +133,7 @@ def convert_state(state: dict[str, torch.Tensor], source: str) -> tuple[dict, di
         "deform_points": encoder_rows // (3 * META_NUM_HEADS),
         "neck": "adapter",
         "pixel_decoder_layout": "meta",
+        "fp32_pixel_decoder": True,
         "adapter": {
             "conv_inplanes": int(ours["adapter.spatial_prior.stem.0.weight"].shape[0]),
             "num_heads": META_NUM_HEADS,
