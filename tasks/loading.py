@@ -24,6 +24,7 @@ from backbones import build_backbone
 from dense_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 from .predictor import BACKBONE_FILE, CONFIG_FILE, KINDS, DenseModel, ExportError, Predictor
+from .tta import preset_settings
 
 _TARGET_KIND = (("mask", "segmentation"), ("depth", "depth"), ("boxes", "detection"), ("label", "classification"))
 # Objects a Lightning checkpoint may hold besides containers and tensors, allowed for ``weights_only`` loading.
@@ -75,7 +76,8 @@ def read_checkpoint(path: str | Path) -> dict:
 def build_head(head_cfg: dict, channels: Sequence[int], strides: Sequence[int], num_classes: int | None) -> nn.Module:
     """Instantiate a head as ``DenseTask`` does: ``in_channels``/``strides`` from the backbone."""
     extra = {"num_classes": num_classes} if num_classes is not None else {}
-    return instantiate(dict(head_cfg), in_channels=list(channels), strides=list(strides), **extra)
+    head_cfg = {k: v for k, v in head_cfg.items() if k != "weights"}  # the initial weights of training (DenseTask)
+    return instantiate(head_cfg, in_channels=list(channels), strides=list(strides), **extra)
 
 
 def _load_backbone_tensors(backbone: nn.Module, state: dict[str, torch.Tensor], source: str, complete: bool) -> None:
@@ -150,8 +152,13 @@ def _with_defaults(fn, given: dict) -> dict:
 
 def _eval_settings(hparams: dict) -> dict:
     names = {"eval_mode": "mode", "eval_crop": "crop", "eval_stride": "stride", "eval_batch_size": "batch_size",
-             "eval_flip": "flip"}
-    return {new: hparams[old] for old, new in names.items() if hparams.get(old) is not None}
+             "eval_flip": "flip", "eval_small_image": "small_image", "eval_activation": "activation",
+             "eval_tta": "tta", "eval_preset": "preset"}
+    settings = {new: hparams[old] for old, new in names.items() if hparams.get(old) is not None}
+    if settings.get("preset"):  # a preset replaces the task's own values of the keys it sets (as in validation)
+        for key in preset_settings(settings["preset"]):
+            settings.pop(key, None)
+    return settings
 
 
 def _get(config: dict, dotted: str, source: Path):
