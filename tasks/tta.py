@@ -140,28 +140,26 @@ def to_probs(scores: torch.Tensor, score_type: str = "logits", activation: str =
     return scores / scores.sum(0, keepdim=True).clamp(min=1e-12)
 
 
-def tta_inference(fn: DenseFn, images: list[torch.Tensor], tta: TTA, mode: str, crop, stride, batch_size: int = 8,
-                  out_device: torch.device | str | None = None, small_image: str = "pad",
-                  value: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  out_sizes: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
-    """The mean over the views of each image of ``value(output)``, at the image's size (or ``out_sizes[i]``).
-
-    Every view of every image goes through one :func:`dense_inference` call (windows of all views share
-    batches). Each view's output ``(C, h, w)`` is resized (bilinear) to the output size, un-mirrored, passed
-    through ``value`` (e.g. ``to_probs``; default identity) and summed; the sum is divided by the view count.
-    """
-    if small_image not in SMALL_IMAGE:
-        raise ValueError(f"small_image must be one of {', '.join(SMALL_IMAGE)}, got {small_image!r}")
-    views = tta.views()
-    inputs = []
+def make_views(images: list[torch.Tensor], tta: TTA) -> list[torch.Tensor]:
+    """Every view of every image, ``(3, h, w)`` each, image by image in ``tta.views()`` order."""
+    views = []
     for image in images:
-        for scale, flip in views:
+        for scale, flip in tta.views():
             view = resize(image, tta.view_size(image.shape[-2:], scale), tta.antialias)
-            inputs.append(view.flip(-1) if flip else view)
-    outputs = dense_inference(fn, inputs, mode, crop, stride, batch_size, out_device, small_image)
+            views.append(view.flip(-1) if flip else view)
+    return views
+
+
+def average_views(outputs: list[torch.Tensor], tta: TTA, sizes: Sequence[Sequence[int]],
+                  value: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  out_device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """Per image: the dense outputs of its views (``make_views`` order) resized (bilinear) to ``sizes[i]``,
+    un-mirrored, passed through ``value`` (e.g. ``to_probs``; default identity) and averaged."""
+    views = tta.views()
+    if len(outputs) != len(views) * len(sizes):
+        raise ValueError(f"{len(outputs)} view outputs for {len(sizes)} images of {len(views)} views each")
     means = []
-    for index, image in enumerate(images):
-        size = tuple(out_sizes[index]) if out_sizes is not None else tuple(image.shape[-2:])
+    for index, size in enumerate(sizes):
         total = None
         for (_, flip), output in zip(views, outputs[index * len(views):(index + 1) * len(views)]):
             if out_device is not None:
@@ -172,3 +170,20 @@ def tta_inference(fn: DenseFn, images: list[torch.Tensor], tta: TTA, mode: str, 
             total = output if total is None else total + output
         means.append(total / len(views))
     return means
+
+
+def tta_inference(fn: DenseFn, images: list[torch.Tensor], tta: TTA, mode: str, crop, stride, batch_size: int = 8,
+                  out_device: torch.device | str | None = None, small_image: str = "pad",
+                  value: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  out_sizes: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
+    """The mean over the views of each image of ``value(output)``, at the image's size (or ``out_sizes[i]``).
+
+    All views of all images go through one :func:`dense_inference` call (their windows share batches); see
+    :func:`make_views` and :func:`average_views`. Meta's order of operations: window outputs averaged, resized to
+    the output size, un-mirrored, softmaxed (``value``), averaged over views.
+    """
+    if small_image not in SMALL_IMAGE:
+        raise ValueError(f"small_image must be one of {', '.join(SMALL_IMAGE)}, got {small_image!r}")
+    outputs = dense_inference(fn, make_views(images, tta), mode, crop, stride, batch_size, out_device, small_image)
+    sizes = out_sizes if out_sizes is not None else [tuple(image.shape[-2:]) for image in images]
+    return average_views(outputs, tta, sizes, value, out_device)
