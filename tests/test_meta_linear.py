@@ -259,3 +259,15 @@ def test_errors_name_the_file_and_the_widths(tmp_path):
     truncated.write_bytes(CLASSIFIER.read_bytes()[:100])
     with pytest.raises(ExportError, match="truncated.pth"):
         load_predictor(truncated, backbone="vit_test")
+
+
+def test_predict_cli_with_a_meta_head_and_a_preset(tmp_path, capsys):
+    import predict
+    from PIL import Image
+
+    Image.fromarray(np.full((24, 36, 3), 90, dtype=np.uint8)).save(tmp_path / "a.png")
+    args = [f"ckpt={SEG}", f"input={tmp_path / 'a.png'}", f"output={tmp_path / 'out'}", "backbone=vit_test"]
+    assert predict.main(args + ["eval=meta_linear"]) == 0
+    assert Image.open(tmp_path / "out" / "a_labels.png").size == (36, 24)
+    assert predict.main(args + ["eval=meta_nothing"]) == 2
+    assert "unknown evaluation preset 'meta_nothing'" in capsys.readouterr().err
