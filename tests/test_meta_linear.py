@@ -1,5 +1,6 @@
-"""Meta's linear heads and evaluation conventions against fixtures from Meta's code (tools/meta_fixtures/linear_heads.py):
-the classifier and linear-seg converters, the shrinking sliding window, Meta's TTA views and averaging, errors."""
+"""Meta's linear heads and evaluation conventions against fixtures from Meta's code
+(tools/meta_fixtures/linear_heads.py): the classifier and linear-seg converters, the shrinking sliding window, Meta's
+TTA views and averaging, ``head.weights``, errors."""
 
 import json
 import os
@@ -224,7 +225,8 @@ def test_head_weights_initialise_training():
                             head={"_target_": "heads.LinearSegHead", "weights": str(SEG)}, num_classes=6)
     state = read_meta_file(SEG)
     torch.testing.assert_close(task.head.conv.weight, state["segmentation_model.1.conv.weight"])
-    torch.testing.assert_close(task.head.batchnorm.running_var, state["segmentation_model.1.batchnorm_layer.running_var"])
+    torch.testing.assert_close(task.head.batchnorm.running_var,
+                               state["segmentation_model.1.batchnorm_layer.running_var"])
     assert "weights" in task.hparams.head  # recorded, but checkpoints rebuild the head without it
     with pytest.raises(ExportError, match=r"backbone.out_indices=\[3\]"):
         SegmentationTask(backbone={"name": "vit_test", "weights": None},

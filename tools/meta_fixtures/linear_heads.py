@@ -65,7 +65,8 @@ def smooth_image(generator: torch.Generator, size: tuple[int, int]) -> torch.Ten
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--meta-repo", default=os.environ.get("DINOV3_REPO"), help="checkout of facebookresearch/dinov3")
+    parser.add_argument("--meta-repo", default=os.environ.get("DINOV3_REPO"),
+                        help="checkout of facebookresearch/dinov3")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "tests/fixtures/meta/linear"))
     args = parser.parse_args()
     if not args.meta_repo or not (Path(args.meta_repo) / "dinov3").is_dir():
