@@ -26,6 +26,8 @@ DEFAULTS = {
     "ckpt": None, "input": None, "output": None,
     "mode": None, "crop": None, "stride": None, "batch_size": None,      # None: the checkpoint's eval settings
     "tta_flip": None, "tta_scales": None,                 # None: the checkpoint's eval settings
+    "small_image": None, "activation": None,        # pad|shrink windows on small images; auto|softmax|normalize
+    "eval": None,                                   # an evaluation preset (tasks/tta.py EVAL_PRESETS), e.g. meta_m2f
     "device": "cpu", "out_device": "cpu",                                # out_device=cpu: sums live in RAM
     "depth_format": "png", "score_threshold": 0.3, "alpha": 0.5, "images_per_step": 8,
     "backbone": None, "backbone_weights": None,     # only for Meta's released head files: the backbone they run on
@@ -168,9 +170,11 @@ def main(argv: list[str]) -> int:
         return 2
     tta = None if args["tta_flip"] is None and args["tta_scales"] is None else {
         "flip": bool(args["tta_flip"]), "scales": args["tta_scales"] or [1.0]}
-    options = dict(mode=args["mode"], crop=args["crop"], stride=args["stride"], batch_size=args["batch_size"], tta=tta)
+    options = dict(mode=args["mode"], crop=args["crop"], stride=args["stride"], batch_size=args["batch_size"], tta=tta,
+                   preset=args["eval"])
     if predictor.kind in ("segmentation", "depth"):
-        options.update(out_device=args["out_device"], return_probs=False)
+        options.update(out_device=args["out_device"], return_probs=False, small_image=args["small_image"],
+                       activation=args["activation"])
     out = Path(args["output"])
     stems = output_stems(files, Path(args["input"]))
     failed: dict[Path, str] = {}

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 
 from backbones import build_backbone
 
+from .meta_heads import load_meta_head
 from .optim import build_optimizer
 
 
@@ -22,8 +23,8 @@ class DenseTask(L.LightningModule):
     Args:
         backbone: keyword arguments of ``backbones.build_backbone``.
         head: ``{"_target_": "heads.X", ...}``; ``in_channels``, ``strides`` (and ``num_classes`` if the task
-            has classes) are filled in from the backbone and the data. An optional ``weights`` entry names one
-            of Meta's released head files to start from (converted by ``tasks.meta_heads``).
+            has classes) are filled in from the backbone and the data. ``weights``: one of Meta's released head
+            files (``tasks.meta_heads`` formats) to start from, converted and loaded at build.
         optim: keyword arguments of ``tasks.optim.build_optimizer`` (lr, weight_decay, warmup_steps, ...).
         num_classes, class_names: the label space (None for depth).
         vis_dir: where validation pictures go (None: no pictures).
@@ -37,14 +38,12 @@ class DenseTask(L.LightningModule):
         self.save_hyperparameters()
         self.backbone = build_backbone(**backbone)
         extra = {"num_classes": num_classes} if num_classes is not None else {}
-        head_cfg = dict(head)
-        head_weights = head_cfg.pop("weights", None)
-        self.head = instantiate(head_cfg, in_channels=list(self.backbone.channels),
+        head = dict(head)
+        weights = head.pop("weights", None)
+        self.head = instantiate(head, in_channels=list(self.backbone.channels),
                                 strides=list(self.backbone.strides), **extra)
-        if head_weights:
-            from .meta_heads import load_meta_head_weights
-
-            load_meta_head_weights(self.head, head_weights, backbone["name"])
+        if weights:
+            load_meta_head(self.head, weights, backbone["name"], self.backbone.out_indices, num_classes)
         self.optim = dict(optim or {})
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else None

@@ -4,6 +4,11 @@
 or depth). The sliding window follows mmseg's grid: windows of ``crop`` every ``stride``, the last one
 shifted back inside the image, outputs summed and divided by the per-pixel window count. Unlike mmseg's
 and Meta's loops, crops of all windows and all images are stacked and run ``batch_size`` at a time.
+
+Images smaller than the crop (``small_image``): ``pad`` (ours) zero-pads them bottom/right up to the crop and
+cuts the padding from the output; ``shrink`` (Meta's and mmseg's) never pads: a window side longer than the
+image side is cut to it, and when both sides are smaller the window becomes the square of the shorter side
+(which then slides along the longer side).
 """
 
 from collections.abc import Callable
@@ -20,6 +25,26 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
         return [0]
     count = -(-(length - crop) // stride) + 1
     return [min(i * stride, length - crop) for i in range(count)]
+
+
+SMALL_IMAGE = ("pad", "shrink")
+
+
+def window_size(height: int, width: int, crop: tuple[int, int], small_image: str = "pad") -> tuple[int, int]:
+    """The ``(h, w)`` window used on an ``height x width`` image for a nominal ``crop``.
+
+    ``pad``: always ``crop`` (the image is padded up to it). ``shrink`` (Meta's ``slide_inference``): when both
+    sides are smaller than the crop, the square of the shorter side; otherwise each side cut to the image's.
+    """
+    if small_image not in SMALL_IMAGE:
+        raise ValueError(f"small_image must be one of {', '.join(SMALL_IMAGE)}, got {small_image!r}")
+    crop_h, crop_w = crop
+    if small_image == "pad":
+        return crop_h, crop_w
+    if crop_h > height and crop_w > width:
+        side = min(height, width)
+        return side, side
+    return min(crop_h, height), min(crop_w, width)
 
 
 def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[int, int],
@@ -69,10 +94,23 @@ def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[i
 
 def dense_inference(fn: DenseFn, images: list[torch.Tensor], mode: str, crop: int | tuple[int, int] = 512,
                     stride: int | tuple[int, int] = 341, batch_size: int = 8,
-                    out_device: torch.device | str | None = None) -> list[torch.Tensor]:
-    """``mode="slide"``: :func:`slide_inference`; ``mode="whole"``: :func:`whole_inference`."""
+                    out_device: torch.device | str | None = None, small_image: str = "pad") -> list[torch.Tensor]:
+    """``mode="slide"``: :func:`slide_inference`; ``mode="whole"``: :func:`whole_inference`.
+
+    ``small_image`` (slide): ``pad`` or ``shrink`` images smaller than the crop (see :func:`window_size`); with
+    ``shrink``, images are grouped by their window size and each group is slid with its own window.
+    """
     if mode == "slide":
-        return slide_inference(fn, images, crop, stride, batch_size, out_device)
+        crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(window_size(*image.shape[-2:], crop, small_image), []).append(index)
+        results: list[torch.Tensor | None] = [None] * len(images)
+        for window, indices in groups.items():
+            outputs = slide_inference(fn, [images[i] for i in indices], window, stride, batch_size, out_device)
+            for i, output in zip(indices, outputs):
+                results[i] = output
+        return results
     if mode == "whole":
         return whole_inference(fn, images, batch_size)
     raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")

@@ -24,6 +24,7 @@ from backbones import build_backbone
 from dense_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 from .predictor import BACKBONE_FILE, CONFIG_FILE, KINDS, DenseModel, ExportError, Predictor
+from .tta import preset_settings
 
 _TARGET_KIND = (("mask", "segmentation"), ("depth", "depth"), ("boxes", "detection"), ("label", "classification"))
 # Objects a Lightning checkpoint may hold besides containers and tensors, allowed for ``weights_only`` loading.
@@ -76,7 +77,7 @@ def build_head(head_cfg: dict, channels: Sequence[int], strides: Sequence[int], 
     """Instantiate a head as ``DenseTask`` does: ``in_channels``/``strides`` from the backbone (a ``weights``
     entry, the training's starting point, is not re-read: the weights to load come with the model)."""
     extra = {"num_classes": num_classes} if num_classes is not None else {}
-    head_cfg = {k: v for k, v in dict(head_cfg).items() if k != "weights"}
+    head_cfg = {k: v for k, v in head_cfg.items() if k != "weights"}  # the initial weights of training (DenseTask)
     return instantiate(head_cfg, in_channels=list(channels), strides=list(strides), **extra)
 
 
@@ -152,8 +153,13 @@ def _with_defaults(fn, given: dict) -> dict:
 
 def _eval_settings(hparams: dict) -> dict:
     names = {"eval_mode": "mode", "eval_crop": "crop", "eval_stride": "stride", "eval_batch_size": "batch_size",
-             "eval_flip": "flip"}
-    return {new: hparams[old] for old, new in names.items() if hparams.get(old) is not None}
+             "eval_flip": "flip", "eval_small_image": "small_image", "eval_activation": "activation",
+             "eval_tta": "tta", "eval_preset": "preset"}
+    settings = {new: hparams[old] for old, new in names.items() if hparams.get(old) is not None}
+    if settings.get("preset"):  # a preset replaces the task's own values of the keys it sets (as in validation)
+        for key in preset_settings(settings["preset"]):
+            settings.pop(key, None)
+    return settings
 
 
 def _get(config: dict, dotted: str, source: Path):

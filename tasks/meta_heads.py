@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from hydra.utils import get_class
 
 from backbones import build_backbone
 from backbones.registry import get_spec
@@ -65,6 +66,8 @@ class MetaFormat:
 # Where each head family's format lives ("module:attribute"); a family adds its line here.
 FORMATS: tuple[str, ...] = (
     "heads.mask2former.meta_checkpoint:META_SEGMENTOR",
+    "heads.linear_meta:CLASSIFIER_FORMAT",
+    "heads.linear_meta:LINEAR_SEG_FORMAT",
 )
 
 
@@ -102,13 +105,30 @@ def detect_format(state: dict[str, torch.Tensor], source: str | Path) -> MetaFor
     raise ExportError(f"{source}: keys {sorted(state)[:6]} match none of Meta's released head formats ({known})")
 
 
-def load_meta_head_weights(head: torch.nn.Module, path: str | Path, backbone: str) -> None:
-    """Initialise ``head`` from one of Meta's head files (``head.weights=PATH`` in a training config): the file is
-    converted for the named backbone and must fit the head built from the config exactly."""
+def load_meta_head(head: torch.nn.Module, path: str | Path, backbone: str, out_indices: list[int],
+                   num_classes: int | None = None) -> MetaHead:
+    """Initialise ``head`` (built by a task) from one of Meta's head files: ``head.weights=PATH`` in training.
+
+    The file is converted for ``backbone`` as ``load_predictor`` does; its layers must be the backbone's
+    ``out_indices``, its classes ``num_classes`` and its head class the one built, or the error names the file
+    and the config key to change.
+    """
     state = read_meta_file(path)
     fmt = detect_format(state, path)
-    meta = fmt.convert(state, get_spec(backbone), str(path))
+    spec = get_spec(backbone)
+    meta = fmt.convert(state, spec, str(path))
+    wanted = [i % spec.depth for i in meta.out_indices]
+    if wanted != [i % spec.depth for i in out_indices]:
+        raise ExportError(f"{path} ({fmt.name}) reads layers {wanted} of {backbone}, but the backbone gives "
+                          f"{list(out_indices)}: set backbone.out_indices={wanted}")
+    if meta.num_classes is not None and num_classes is not None and meta.num_classes != num_classes:
+        raise ExportError(f"{path} ({fmt.name}) predicts {meta.num_classes} classes, the data has {num_classes}")
+    target = get_class(meta.head["_target_"])
+    if not isinstance(head, target):
+        raise ExportError(f"{path} ({fmt.name}) holds a {target.__name__}, but the config builds a "
+                          f"{type(head).__name__}: choose the head of that family (head._target_)")
     _load_head_tensors(head, meta.state, f"{path} ({fmt.name})")
+    return meta
 
 
 def predictor_from_meta(path: str | Path, backbone: str, backbone_weights: str | None, device="cpu",

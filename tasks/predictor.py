@@ -12,19 +12,17 @@ head files. The task kind decides what ``Predictor.predict`` returns, one dict p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from dense_data.io import read_rgb, to_rgb_uint8
 from dense_data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
-from .inference import dense_inference
+from .tta import ACTIVATIONS, TTA, preset_settings, resize, to_probs, tta_inference
 
 KINDS = ("segmentation", "depth", "detection", "classification")
 EXPORT_FORMAT = "dinov3-heads-export/1"
@@ -61,56 +59,6 @@ class DenseModel(nn.Module):
         if self.kind == "classification":
             return prediction
         return prediction[..., :height, :width]
-
-
-# --------------------------------------------------------------------------------------------------- TTA
-@dataclass(frozen=True)
-class TTA:
-    """Test-time augmentation: each image is predicted at every ``scale``, also mirrored when ``flip``.
-
-    Outputs of the views are mapped back to the original size (and un-mirrored) and averaged in probability
-    space (segmentation) or depth space (depth).
-    """
-
-    flip: bool = False
-    scales: tuple[float, ...] = (1.0,)
-
-    @classmethod
-    def make(cls, tta) -> TTA:
-        """Accepts ``None``/``False`` (none), ``True`` (flip), a ``TTA``, or a dict ``{"flip":, "scales":}``."""
-        if tta is None or tta is False:
-            return cls()
-        if tta is True:
-            return cls(flip=True)
-        if isinstance(tta, cls):
-            return tta
-        if isinstance(tta, dict):
-            unknown = set(tta) - {"flip", "scales"}
-            if unknown:
-                raise ValueError(f"unknown TTA keys {sorted(unknown)}; valid: flip, scales")
-            scales = tuple(float(s) for s in (tta.get("scales") or (1.0,)))
-            if any(s <= 0 for s in scales):
-                raise ValueError(f"TTA scales must be positive, got {scales}")
-            return cls(flip=bool(tta.get("flip", False)), scales=scales)
-        raise TypeError(f"tta must be None, a bool, a dict or a TTA, got {type(tta).__name__}")
-
-    def views(self) -> list[tuple[float, bool]]:
-        return [(s, f) for s in self.scales for f in ((False, True) if self.flip else (False,))]
-
-    @property
-    def is_identity(self) -> bool:
-        return self.views() == [(1.0, False)]
-
-
-def _resize(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of ``(C, H, W)`` (align_corners=False, no antialiasing, like mmseg's test-time resize)."""
-    if tuple(tensor.shape[-2:]) == tuple(size):
-        return tensor
-    return F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False)[0]
-
-
-def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
-    return max(1, int(size[0] * scale + 0.5)), max(1, int(size[1] * scale + 0.5))
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -170,7 +118,9 @@ class Predictor:
         kind: ``segmentation`` | ``depth`` | ``detection`` | ``classification``.
         num_classes, class_names: the label space (None for depth).
         mean, std: input normalization.
-        eval: defaults of ``predict``: ``mode``, ``crop``, ``stride``, ``batch_size``.
+        eval: defaults of ``predict``: ``mode``, ``crop``, ``stride``, ``batch_size``, ``small_image``
+            (``pad`` | ``shrink``), ``activation`` (``auto`` | ``softmax`` | ``normalize``), ``tta`` (a dict of
+            ``TTA`` fields) or ``flip``; ``preset``: a name in ``tasks.tta.EVAL_PRESETS`` whose values come first.
         score_type: segmentation scores are ``logits`` (softmax gives probabilities) or ``scores``
             (non-negative, e.g. Mask2Former; normalized to sum 1). Default: the head's ``score_type``
             attribute, else ``scores`` for Mask2Former heads and ``logits`` otherwise.
@@ -187,7 +137,10 @@ class Predictor:
         self.class_names = list(class_names) if class_names else (
             [f"class_{i}" for i in range(num_classes)] if num_classes else None)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.eval_settings = {"mode": "whole", "crop": 512, "stride": 341, "batch_size": 8, **(eval or {})}
+        eval = dict(eval or {})
+        preset = preset_settings(eval["preset"]) if eval.get("preset") else {}
+        self.eval_settings = {"mode": "whole", "crop": 512, "stride": 341, "batch_size": 8, "small_image": "pad",
+                              "activation": "auto", **preset, **eval}
         head = getattr(model, "head", None)
         self.score_type = score_type or getattr(head, "score_type", None) or (
             "scores" if "Mask2Former" in type(head).__name__ else "logits")
@@ -207,12 +160,9 @@ class Predictor:
         """Any supported image as a normalized ``(3, H, W)`` float tensor (on the CPU)."""
         return normalize(as_rgb(image), self.mean, self.std)
 
-    def to_probs(self, scores: torch.Tensor) -> torch.Tensor:
-        """Segmentation scores ``(K, H, W)`` averaged over windows -> class probabilities."""
-        if self.score_type == "logits":
-            return scores.float().softmax(0)
-        scores = scores.float().clamp(min=0)
-        return scores / scores.sum(0, keepdim=True).clamp(min=1e-12)
+    def to_probs(self, scores: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """Segmentation scores ``(K, H, W)`` averaged over windows -> class probabilities (``tasks.tta.to_probs``)."""
+        return to_probs(scores, self.score_type, activation or self.eval_settings["activation"])
 
     def _run(self, images: torch.Tensor):
         with torch.inference_mode():
@@ -222,7 +172,8 @@ class Predictor:
     @torch.inference_mode()
     def predict(self, images, mode: str | None = None, crop: int | Sequence[int] | None = None,
                 stride: int | Sequence[int] | None = None, tta=None, batch_size: int | None = None,
-                out_device: str | torch.device | None = "cpu", return_probs: bool = True):
+                out_device: str | torch.device | None = "cpu", return_probs: bool = True,
+                small_image: str | None = None, activation: str | None = None, preset: str | None = None):
         """Predict full-resolution results for one image or a list of images (sizes may differ).
 
         Args:
@@ -230,54 +181,55 @@ class Predictor:
                 (a ``(B, C, H, W)`` tensor counts as a list).
             mode: ``whole`` (one forward per image, same sizes batched) or ``slide`` (mmseg sliding window:
                 window outputs averaged per pixel before the softmax). Default: the checkpoint's eval mode.
-            crop, stride: sliding-window size and step (int or ``(h, w)``); images smaller than the crop are padded.
-            tta: ``False`` (none), ``True`` (flip), ``{"flip": bool, "scales": [..]}`` or a ``TTA``; ``None``:
-                the checkpoint's eval setting (``eval_flip`` of a depth task), else none.
+            crop, stride: sliding-window size and step (int or ``(h, w)``).
+            tta: ``False`` (none), ``True`` (flip), a dict of ``TTA`` fields (``flip``, ``scales``, ``short_side``,
+                ``multiple``, ``antialias``) or a ``TTA``; ``None``: the eval setting (``tta``, or ``eval_flip`` of a
+                depth task), else none.
             batch_size: crops (or whole images) per forward, across all windows, views and images.
             out_device: where window sums, TTA averages and results live (``"cpu"`` bounds accelerator
                 memory on very large images); ``None``: the model's device.
             return_probs: segmentation: keep the ``(K, H, W)`` probabilities (else only the label map).
+            small_image: ``pad`` (ours) or ``shrink`` (Meta's) images smaller than the sliding window.
+            activation: segmentation scores of each view -> probabilities before the views are averaged:
+                ``softmax`` (Meta), ``normalize`` (scores / their sum) or ``auto`` (softmax of logits, normalized
+                Mask2Former scores).
+            preset: a name in ``tasks.tta.EVAL_PRESETS`` (e.g. ``meta_m2f``): its settings replace the
+                defaults; arguments given here still win.
 
         Returns:
             One dict per image (a single dict for a single image), see the module docstring.
         """
         items, single = _as_list(images)
-        mode = mode or self.eval_settings["mode"]
+        settings = {**self.eval_settings, **(preset_settings(preset) if preset else {})}
+        mode = mode or settings["mode"]
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
-        crop = crop or self.eval_settings["crop"]
-        stride = stride or self.eval_settings["stride"]
-        batch_size = int(batch_size or self.eval_settings["batch_size"])
-        tta = TTA.make(bool(self.eval_settings.get("flip", False)) if tta is None else tta)
+        crop = crop or settings["crop"]
+        stride = stride or settings["stride"]
+        batch_size = int(batch_size or settings["batch_size"])
+        small_image = small_image or settings["small_image"]
+        activation = activation or settings["activation"]
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if tta is None:
+            tta = settings["tta"] if settings.get("tta") is not None else bool(settings.get("flip", False))
+        tta = TTA.make(tta)
         tensors = [self.preprocess(item) for item in items]
         if self.kind == "detection":
             results = self._detect(tensors, mode, tta, batch_size)
         elif self.kind == "classification":
             results = self._classify(tensors, tta)
         else:
-            results = self._dense(tensors, mode, crop, stride, tta, batch_size, out_device, return_probs)
+            results = self._dense(tensors, mode, crop, stride, tta, batch_size, out_device, return_probs,
+                                  small_image, activation)
         return results[0] if single else results
 
-    def _dense(self, tensors, mode, crop, stride, tta, batch_size, out_device, return_probs) -> list[dict]:
-        views = tta.views()
-        inputs = []
-        for image in tensors:
-            for scale, flip in views:
-                view = _resize(image, scaled_size(image.shape[-2:], scale))
-                inputs.append(view.flip(-1) if flip else view)
-        outputs = dense_inference(self._run, inputs, mode, crop, stride, batch_size, out_device)
+    def _dense(self, tensors, mode, crop, stride, tta, batch_size, out_device, return_probs, small_image,
+               activation) -> list[dict]:
+        value = (lambda scores: self.to_probs(scores, activation)) if self.kind == "segmentation" else None
+        means = tta_inference(self._run, tensors, tta, mode, crop, stride, batch_size, out_device, small_image, value)
         results = []
-        for index, image in enumerate(tensors):
-            size = tuple(image.shape[-2:])
-            total = None
-            for (scale, flip), output in zip(views, outputs[index * len(views):(index + 1) * len(views)]):
-                if out_device is not None:
-                    output = output.to(out_device)
-                output = output.float()
-                output = _resize(output.flip(-1) if flip else output, size)
-                value = self.to_probs(output) if self.kind == "segmentation" else output
-                total = value if total is None else total + value
-            mean = total / len(views)
+        for mean in means:
             if self.kind == "segmentation":
                 result = {"labels": mean.argmax(0)}
                 if return_probs:
@@ -309,7 +261,7 @@ class Predictor:
         for image in tensors:
             total = 0
             for scale, flip in tta.views():
-                view = _resize(image, scaled_size(image.shape[-2:], scale))
+                view = resize(image, tta.view_size(image.shape[-2:], scale), tta.antialias)
                 total = total + self._run((view.flip(-1) if flip else view)[None])[0].float().softmax(-1).cpu()
             probs = total / len(tta.views())
             results.append({"probs": probs, "label": int(probs.argmax())})

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from .base import DenseTask
-from .inference import dense_inference
+from .inference import SMALL_IMAGE
 from .metrics.segmentation import SegmentationMetrics
+from .tta import ACTIVATIONS, TTA, preset_settings, to_probs, tta_inference
 from .visualize import colorize_labels, denormalize, resize_picture, save_panels
 
 
@@ -16,29 +17,55 @@ class SegmentationTask(DenseTask):
     Args:
         eval_mode: ``whole`` or ``slide`` (sliding window of ``eval_crop`` every ``eval_stride``).
         eval_batch_size: crops per forward in sliding-window validation.
+        eval_small_image: ``pad`` (ours) or ``shrink`` (Meta's) images smaller than the sliding window.
+        eval_tta: test-time augmentation, a dict of ``tasks.tta.TTA`` fields (``flip``, ``scales``, ``short_side``,
+            ``multiple``, ``antialias``) or None.
+        eval_activation: scores -> probabilities of each TTA view before averaging (``auto`` | ``softmax`` |
+            ``normalize``, see ``tasks.tta.to_probs``).
+        eval_preset: a name in ``tasks.tta.EVAL_PRESETS`` (e.g. ``meta_m2f``): its values replace the eval_* ones.
         num_vis: images in the validation picture (image | ground truth | prediction per row).
     """
 
     targets = ("mask",)
 
     def __init__(self, *args, eval_mode: str = "whole", eval_crop: int = 512, eval_stride: int = 341,
-                 eval_batch_size: int = 8, num_vis: int = 4, **kwargs):
+                 eval_batch_size: int = 8, eval_small_image: str = "pad", eval_tta: dict | None = None,
+                 eval_activation: str = "auto", eval_preset: str | None = None, num_vis: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
+        preset = eval_preset and preset_settings(eval_preset)
+        if preset:
+            eval_mode, eval_crop, eval_stride = preset["mode"], preset["crop"], preset["stride"]
+            eval_small_image, eval_activation, eval_tta = preset["small_image"], preset["activation"], preset["tta"]
         if eval_mode not in ("whole", "slide"):
             raise ValueError(f"eval_mode must be 'whole' or 'slide', got {eval_mode!r}")
+        if eval_small_image not in SMALL_IMAGE:
+            raise ValueError(f"eval_small_image must be one of {', '.join(SMALL_IMAGE)}, got {eval_small_image!r}")
+        if eval_activation not in ACTIVATIONS:
+            raise ValueError(f"eval_activation must be one of {', '.join(ACTIVATIONS)}, got {eval_activation!r}")
         self.eval_mode, self.eval_crop, self.eval_stride = eval_mode, eval_crop, eval_stride
+        self.eval_small_image, self.eval_activation = eval_small_image, eval_activation
+        self.eval_tta = TTA.make(dict(eval_tta) if eval_tta else None)
         self.eval_batch_size, self.num_vis = eval_batch_size, num_vis
         self.val_metrics = SegmentationMetrics(self.num_classes)
         self._vis_rows: list[list[np.ndarray]] = []
 
-    def predict_scores(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Class scores ``(K, H_i, W_i)`` for each normalized ``(3, H_i, W_i)`` image."""
-        return dense_inference(self.dense, images, self.eval_mode, self.eval_crop, self.eval_stride,
-                               self.eval_batch_size)
+    def predict_scores(self, images: list[torch.Tensor], sizes: list[tuple[int, int]] | None = None
+                       ) -> list[torch.Tensor]:
+        """Class scores ``(K, H_i, W_i)`` for each normalized ``(3, H_i, W_i)`` image (at ``sizes[i]`` if given).
+
+        Without TTA: the window-averaged scores; with TTA: the probabilities averaged over the views.
+        """
+        score_type = getattr(self.head, "score_type", None) or (
+            "scores" if "Mask2Former" in type(self.head).__name__ else "logits")
+        value = None if self.eval_tta.is_identity else (
+            lambda scores: to_probs(scores, score_type, self.eval_activation))
+        return tta_inference(self.dense, images, self.eval_tta, self.eval_mode, self.eval_crop, self.eval_stride,
+                             self.eval_batch_size, small_image=self.eval_small_image, value=value, out_sizes=sizes)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = self.network_images(batch)
-        for image, scores, mask, meta in zip(images, self.predict_scores(images), batch["mask"], batch["meta"]):
+        sizes = [tuple(meta["orig_size"]) for meta in batch["meta"]]
+        for image, scores, mask, meta in zip(images, self.predict_scores(images, sizes), batch["mask"], batch["meta"]):
             height, width = meta["orig_size"]
             mask = mask[:height, :width]
             if scores.shape[-2:] != mask.shape:

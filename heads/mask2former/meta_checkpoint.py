@@ -22,7 +22,7 @@ from tasks.predictor import ExportError
 
 ADAPTER, HEAD = "segmentation_model.0.", "segmentation_model.1."
 META_NUM_HEADS = 16  # Meta's adapter, pixel decoder and transformer decoder all use 16 heads
-META_EVAL = {"mode": "slide", "crop": 896, "stride": 596}  # config-ade20k-m2f-inference.yaml (+ TTA 0.9-1.1 x flip)
+META_EVAL = {"preset": "meta_m2f"}  # config-ade20k-m2f-inference.yaml: 896 / 596 windows, 0.9-1.1 x flip (tasks/tta.py)
 
 # (Meta key without the segmentation_model.N. prefix, our key), first match wins.
 _ADAPTER_RULES = [
