@@ -100,8 +100,8 @@ def _save(state, path):
 def test_bad_segmentor_files_are_refused_with_clear_errors(tmp_path, converted):
     state = read_meta_file(SEGMENTOR)
     # a file of another kind: no format matches
-    other = _save({"weight": torch.zeros(3, 4), "bias": torch.zeros(3)}, tmp_path / "classifier_like.pth")
-    with pytest.raises(ExportError, match="classifier_like.pth.*match none"):
+    other = _save({"decoder.weight": torch.zeros(3, 4), "decoder.bias": torch.zeros(3)}, tmp_path / "foreign.pth")
+    with pytest.raises(ExportError, match="foreign.pth.*match none"):
         load_predictor(other, backbone="vit_test")
     # unknown keys inside a segmentor
     odd = _save(dict(state, **{"segmentation_model.1.predictor.extra.weight": torch.zeros(1)}), tmp_path / "odd.pth")
