@@ -63,7 +63,10 @@ class MetaFormat:
 
 
 # Where each head family's format lives ("module:attribute"); a family adds its line here.
-FORMATS: tuple[str, ...] = ()
+FORMATS: tuple[str, ...] = (
+    "heads.dpt.meta_checkpoint:DEPTHER",
+    "heads.dpt.meta_checkpoint:CHMV2",
+)
 
 
 def formats() -> list[MetaFormat]:
@@ -98,6 +101,39 @@ def detect_format(state: dict[str, torch.Tensor], source: str | Path) -> MetaFor
             return fmt
     known = ", ".join(f.name for f in formats()) or "none registered"
     raise ExportError(f"{source}: keys {sorted(state)[:6]} match none of Meta's released head formats ({known})")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)
+    return a == b
+
+
+def load_head_weights(head: torch.nn.Module, head_cfg: dict, path: str | Path, backbone: str) -> str:
+    """Initialise ``head`` (built from ``head_cfg``) from a head file: the ``head.weights=PATH`` of a training config.
+
+    ``PATH`` is one of Meta's released head files (converted for the backbone named ``backbone``; the head config
+    must agree with what the file is, e.g. its depth range, or an ``ExportError`` names the key) or a
+    ``head.safetensors`` written by ``export.py``. Loads strictly. Returns the format's name.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from .loading import _read_tensors
+
+        _load_head_tensors(head, _read_tensors(path), str(path))
+        return "safetensors"
+    state = read_meta_file(path)
+    fmt = detect_format(state, path)
+    meta = fmt.convert(state, get_spec(backbone), str(path))
+    resolved = _with_defaults(type(head), head_cfg)
+    wrong = [f"head.{k}={resolved[k]!r} (the file: {v!r})" for k, v in meta.head.items()
+             if k != "_target_" and k in resolved and not _same(resolved[k], v)]
+    target = head_cfg.get("_target_")
+    if target != meta.head["_target_"] or wrong:
+        raise ExportError(f"{path} ({fmt.name}) is a {meta.head['_target_']} but the config builds {target} with "
+                          f"{', '.join(wrong) or 'another class'}: set those values (e.g. conf/head/dpt_meta.yaml)")
+    _load_head_tensors(head, meta.state, f"{path} ({fmt.name})")
+    return fmt.name
 
 
 def predictor_from_meta(path: str | Path, backbone: str, backbone_weights: str | None, device="cpu",
