@@ -20,6 +20,7 @@ from backbones.features import Features
 from backbones.registry import get_spec
 from heads.depth_losses import SiLogLoss
 from heads.dpt.meta_checkpoint import CHMV2, DEPTHER
+from heads.linear_depth import LinearDepthHead
 from tasks.loading import build_head, load_predictor
 from tasks.meta_heads import detect_format, load_head_weights
 from tasks.metrics.depth import image_depth_metrics
@@ -130,6 +131,21 @@ def test_formats_are_told_apart():
     broken = dict(dpt_state, **{"reassemble_blocks.unknown.weight": torch.zeros(1)})
     with pytest.raises(ExportError, match="reassemble_blocks.unknown.weight"):
         DEPTHER.convert(broken, get_spec("vits16"), "broken.pth")
+
+
+def test_linear_depth_head_equals_meta():
+    """Meta's linear probe (BatchNorm + 1x1 conv, 256 bins over [0.001, 10] m) on the patch grid."""
+    t = load_file(str(FIXTURES / "linear.safetensors"))
+    head = LinearDepthHead([384], [16]).eval()
+    names = {"batchnorm_layer": "batchnorm", "conv_depth": "conv"}
+    state = {names[k.split(".")[1]] + "." + k.split(".", 2)[2]: v for k, v in t.items() if k.startswith("head.")}
+    head.load_state_dict(state, strict=True)  # BatchNorm fills in the 0-d num_batches_tracked left out of the file
+    feats = Features(maps=[t["map"]], cls=[t["cls"]], strides=[16], channels=[384], patch_size=16, padded_size=(48, 80))
+    with torch.no_grad():
+        out = head(feats, (48, 80))
+    torch.testing.assert_close(out["logits"], t["logits"], atol=ATOL, rtol=0)
+    assert_depth_close(out["depth"], t["depth"])
+    assert head.predict(out, (48, 80)).shape == (2, 1, 48, 80)
 
 
 # -------------------------------------------------------------------------------------- loss, metrics, schedule

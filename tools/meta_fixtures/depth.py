@@ -11,6 +11,8 @@ What is written to ``tests/fixtures/meta/depth/``:
   logits and Meta's depth (``FeaturesToDepth``), all in float32 without autocast.
 - ``chmv2.pth`` / ``chmv2.safetensors``: the CHMv2 head layout (readout ``project``, biased residual convs, hidden
   128, no post-fusion conv, mixlog bins over [0.001, 96]) on random 64-channel features.
+- ``linear.safetensors``: Meta's linear depth head (``LinearHead``: BatchNorm + 1x1 conv to 256 bins, no class
+  token) and its depth over [0.001, 10] m on a random 384-channel 3x5 map.
 - ``losses_metrics.safetensors``: Meta's ``SigLoss`` (warm-up of 3 calls) over 5 calls; Meta's depth metrics per
   image (``calculate_depth_metrics`` with the NYU Eigen mask at 60x80, ground truth >= max dropped, with and
   without least-squares alignment); Meta's ``WarmupOneCycleLR`` learning rate and beta1 over 60 steps.
@@ -111,6 +113,25 @@ def chmv2_fixture(out: Path) -> None:
     save_file(tensors, str(out / "chmv2.safetensors"))
 
 
+def linear_fixture(out: Path) -> None:
+    from dinov3.eval.depth.models import FeaturesToDepth
+    from dinov3.eval.depth.models.linear_head import LinearHead
+
+    torch.manual_seed(5)
+    head = as_plain_batchnorm(LinearHead(in_channels=[384], n_output_channels=256, use_batchnorm=True,
+                                         use_cls_token=False)).eval()
+    g = torch.Generator().manual_seed(6)
+    randomise_batchnorm(head, g)
+    with torch.no_grad():
+        head.conv_depth.weight.normal_(0, 0.05, generator=g)
+        patches, cls = torch.randn(2, 384, 3, 5, generator=g), torch.randn(2, 384, generator=g)
+        logits = head([(patches, cls)])
+    to_depth = FeaturesToDepth(0.001, 10.0)
+    tensors = {f"head.{k}": v.clone() for k, v in head.state_dict().items() if v.dim() > 0}
+    tensors.update({"map": patches, "cls": cls, "logits": logits, "depth": to_depth(logits)})
+    save_file(tensors, str(out / "linear.safetensors"))
+
+
 def losses_metrics_fixture(out: Path) -> None:
     from dinov3.eval.depth.datasets.datasets_utils import _EvalCropType, make_valid_mask
     from dinov3.eval.depth.loss import SigLoss
@@ -176,6 +197,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     dpt_fixture(out)
     chmv2_fixture(out)
+    linear_fixture(out)
     losses_metrics_fixture(out)
     print(f"wrote {sorted(p.name for p in out.iterdir())} to {out}")
 
