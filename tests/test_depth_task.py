@@ -103,6 +103,18 @@ def test_nyu_linear_is_metas_recipe_and_runs(tmp_path, train_cli):
     assert (scheduler["total_steps"], scheduler["warmup_steps"], scheduler["final_div_factor"]) == (3, 1, 1000.0)
 
 
+def test_released_depther_eval_preset_is_metas():
+    """task=nyu_dpt_released_eval: config-nyu-synthmix-dpt-inference.yaml's evaluation on Meta's depther layout."""
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["task=nyu_dpt_released_eval"])
+    assert cfg.backbone.name == "vit7b16" and cfg.trainer.max_steps == 0 and cfg.head.weights is None
+    assert (cfg.head.features, cfg.head.post_channels, cfg.head.output, cfg.head.max_depth) == (512, "meta", "bins", 100.0)
+    assert (cfg.head.bin_placement, cfg.head.bin_norm, cfg.head.fusion_upsample, cfg.head.input_padding) == (
+        "linspace", "linear", "x2", "center")
+    assert cfg.data.eval_short_side == 768 and cfg.module.align == "least_squares" and cfg.module.eval_flip
+    assert (cfg.module.min_depth, cfg.module.max_depth, cfg.module.eigen_crop) == (0.001, 10.0, True)
+
+
 def _task(**kwargs) -> DepthTask:
     torch.manual_seed(0)
     head = {"_target_": "heads.dpt.DPTHead", "features": 16, "head_hidden": 8}
