@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+
 from backbones import build_backbone
 
 from .loading import build_head

@@ -108,6 +108,10 @@ def test_defaults():
     assert head.post_channels == [48, 96, 192, 384]
     assert default_features(768) == 128 and default_features(1024) == 256
     assert DPTHead([96, 192, 384, 768], [4, 8, 16, 32]).post_channels == [96, 192, 384, 768]
+    # Meta's released depthers' rule: [min(C, 2048)] x 4 ([1024] x 4 on ViT-L, [2048] x 4 on ViT-7B)
+    assert DPTHead([384] * 4, [16] * 4, features=8, post_channels="meta").post_channels == [384] * 4
+    with pytest.raises(ValueError, match="post_channels"):
+        DPTHead([384] * 4, [16] * 4, post_channels="full")
 
 
 @pytest.mark.parametrize("seed", range(4))
