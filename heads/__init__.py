@@ -3,6 +3,7 @@
 from .detr import DETRHead
 from .dpt import DPTHead
 from .linear import LinearClassifier, LinearSegHead
+from .linear_depth import LinearDepthHead
 from .mask2former import Mask2FormerHead
 
-__all__ = ["DETRHead", "DPTHead", "LinearClassifier", "LinearSegHead", "Mask2FormerHead"]
+__all__ = ["DETRHead", "DPTHead", "LinearClassifier", "LinearDepthHead", "LinearSegHead", "Mask2FormerHead"]

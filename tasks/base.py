@@ -6,12 +6,13 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 
 from backbones import build_backbone
 
-from .meta_heads import load_meta_head
+from .loading import build_head
+from .meta_heads import load_head_weights
 from .optim import build_optimizer
+from .padding import pad_for_head
 
 
 class DenseTask(L.LightningModule):
@@ -23,8 +24,9 @@ class DenseTask(L.LightningModule):
     Args:
         backbone: keyword arguments of ``backbones.build_backbone``.
         head: ``{"_target_": "heads.X", ...}``; ``in_channels``, ``strides`` (and ``num_classes`` if the task
-            has classes) are filled in from the backbone and the data. ``weights``: one of Meta's released head
-            files (``tasks.meta_heads`` formats) to start from, converted and loaded at build.
+            has classes) are filled in from the backbone and the data. ``weights``: a head file to start from
+            (one of Meta's released heads, or an exported ``head.safetensors``; see
+            ``tasks.meta_heads.load_head_weights``).
         optim: keyword arguments of ``tasks.optim.build_optimizer`` (lr, weight_decay, warmup_steps, ...).
         num_classes, class_names: the label space (None for depth).
         vis_dir: where validation pictures go (None: no pictures).
@@ -37,13 +39,10 @@ class DenseTask(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.backbone = build_backbone(**backbone)
-        extra = {"num_classes": num_classes} if num_classes is not None else {}
-        head = dict(head)
-        weights = head.pop("weights", None)
-        self.head = instantiate(head, in_channels=list(self.backbone.channels),
-                                strides=list(self.backbone.strides), **extra)
-        if weights:
-            load_meta_head(self.head, weights, backbone["name"], self.backbone.out_indices, num_classes)
+        self.head = build_head(head, self.backbone.channels, self.backbone.strides, num_classes)
+        if head.get("weights"):
+            load_head_weights(self.head, head, head["weights"], backbone["name"], self.backbone.out_indices,
+                              num_classes)
         self.optim = dict(optim or {})
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else None
@@ -64,11 +63,14 @@ class DenseTask(L.LightningModule):
     def dense(self, images: torch.Tensor) -> torch.Tensor:
         """Dense prediction ``(B, C, H, W)`` at the input size (class scores or depth).
 
-        The backbone pads the input to its stride; the padding is cut from the prediction.
+        The backbone pads the input to its stride (or the head asks for centre padding, see
+        ``tasks.padding``); the padding is cut from the prediction.
         """
+        height, width = images.shape[-2:]
+        images, (top, left) = pad_for_head(images, self.backbone.pad_to, self.head)
         features = self.backbone(images)
         prediction = self.head.predict(self.head(features, features.padded_size), features.padded_size)
-        return prediction[..., :images.shape[-2], :images.shape[-1]]
+        return prediction[..., top:top + height, left:left + width]
 
     @staticmethod
     def network_images(batch: dict) -> list[torch.Tensor]:

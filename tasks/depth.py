@@ -27,6 +27,8 @@ class DepthTask(DenseTask):
         min_depth, max_depth: valid ground-truth range of the metrics; predictions are clamped to it.
         eigen_crop: score only inside the NYU Eigen crop (scaled to the ground-truth size).
         align: ``none`` (metric depth), ``median`` or ``least_squares`` per-image alignment before scoring.
+        max_inclusive: score ground truth equal to ``max_depth`` (Meta drops it: ``False``).
+        crop_rounding: ``floor`` (Meta) or ``round``: how the Eigen crop bounds are scaled to the target size.
         num_vis: images in the validation picture (image | ground truth | prediction per row, one colour
             scale per row: the valid ground-truth range).
     """
@@ -37,7 +39,7 @@ class DepthTask(DenseTask):
     def __init__(self, *args, eval_mode: str = "whole", eval_crop: int | Sequence[int] = 512,
                  eval_stride: int | Sequence[int] = 341, eval_batch_size: int = 8, eval_flip: bool = False,
                  min_depth: float = 1e-3, max_depth: float = 10.0, eigen_crop: bool = False, align: str = "none",
-                 num_vis: int = 4, **kwargs):
+                 max_inclusive: bool = False, crop_rounding: str = "floor", num_vis: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
         if eval_mode not in ("whole", "slide"):
             raise ValueError(f"eval_mode must be 'whole' or 'slide', got {eval_mode!r}")
@@ -45,7 +47,7 @@ class DepthTask(DenseTask):
         self.eval_crop = eval_crop if isinstance(eval_crop, int) else tuple(eval_crop)
         self.eval_stride = eval_stride if isinstance(eval_stride, int) else tuple(eval_stride)
         self.num_vis = num_vis
-        self.val_metrics = DepthMetrics(min_depth, max_depth, eigen_crop, align)
+        self.val_metrics = DepthMetrics(min_depth, max_depth, eigen_crop, align, max_inclusive, crop_rounding)
         self._vis_rows: list[list[np.ndarray]] = []
 
     def dense_tta(self, images: torch.Tensor) -> torch.Tensor:

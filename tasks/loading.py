@@ -74,10 +74,12 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def build_head(head_cfg: dict, channels: Sequence[int], strides: Sequence[int], num_classes: int | None) -> nn.Module:
-    """Instantiate a head as ``DenseTask`` does: ``in_channels``/``strides`` from the backbone (a ``weights``
-    entry, the training's starting point, is not re-read: the weights to load come with the model)."""
+    """Instantiate a head as ``DenseTask`` does: ``in_channels``/``strides`` from the backbone.
+
+    ``weights`` (the file a training run initialised the head from) is not a constructor argument: left out.
+    """
     extra = {"num_classes": num_classes} if num_classes is not None else {}
-    head_cfg = {k: v for k, v in head_cfg.items() if k != "weights"}  # the initial weights of training (DenseTask)
+    head_cfg = {k: v for k, v in head_cfg.items() if k != "weights"}
     return instantiate(head_cfg, in_channels=list(channels), strides=list(strides), **extra)
 
 

@@ -68,6 +68,8 @@ FORMATS: tuple[str, ...] = (
     "heads.mask2former.meta_checkpoint:META_SEGMENTOR",
     "heads.linear_meta:CLASSIFIER_FORMAT",
     "heads.linear_meta:LINEAR_SEG_FORMAT",
+    "heads.dpt.meta_checkpoint:DEPTHER",
+    "heads.dpt.meta_checkpoint:CHMV2",
 )
 
 
@@ -105,14 +107,27 @@ def detect_format(state: dict[str, torch.Tensor], source: str | Path) -> MetaFor
     raise ExportError(f"{source}: keys {sorted(state)[:6]} match none of Meta's released head formats ({known})")
 
 
-def load_meta_head(head: torch.nn.Module, path: str | Path, backbone: str, out_indices: list[int],
-                   num_classes: int | None = None) -> MetaHead:
-    """Initialise ``head`` (built by a task) from one of Meta's head files: ``head.weights=PATH`` in training.
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)
+    return a == b
 
-    The file is converted for ``backbone`` as ``load_predictor`` does; its layers must be the backbone's
-    ``out_indices``, its classes ``num_classes`` and its head class the one built, or the error names the file
-    and the config key to change.
+
+def load_head_weights(head: torch.nn.Module, head_cfg: dict, path: str | Path, backbone: str,
+                      out_indices: list[int], num_classes: int | None = None) -> str:
+    """Initialise ``head`` (built from ``head_cfg``) from a head file: the ``head.weights=PATH`` of a training config.
+
+    ``PATH`` is a ``head.safetensors`` written by ``export.py``, or one of Meta's released head files, converted
+    for the backbone named ``backbone`` as ``load_predictor`` does. A Meta file must agree with the run: its layers
+    are the backbone's ``out_indices``, its classes ``num_classes``, its head class and sizes those of the config,
+    or an ``ExportError`` names the file and the config key to change. Loads strictly; returns the format's name.
     """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from .loading import _read_tensors
+
+        _load_head_tensors(head, _read_tensors(path), str(path))
+        return "safetensors"
     state = read_meta_file(path)
     fmt = detect_format(state, path)
     spec = get_spec(backbone)
@@ -127,8 +142,13 @@ def load_meta_head(head: torch.nn.Module, path: str | Path, backbone: str, out_i
     if not isinstance(head, target):
         raise ExportError(f"{path} ({fmt.name}) holds a {target.__name__}, but the config builds a "
                           f"{type(head).__name__}: choose the head of that family (head._target_)")
+    resolved = _with_defaults(type(head), head_cfg)
+    wrong = [f"head.{k}={resolved[k]!r} (the file: {v!r})" for k, v in meta.head.items()
+             if k != "_target_" and k in resolved and not _same(resolved[k], v)]
+    if wrong:
+        raise ExportError(f"{path} ({fmt.name}) does not fit the head config: {', '.join(wrong)}: set those values")
     _load_head_tensors(head, meta.state, f"{path} ({fmt.name})")
-    return meta
+    return fmt.name
 
 
 def predictor_from_meta(path: str | Path, backbone: str, backbone_weights: str | None, device="cpu",

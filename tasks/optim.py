@@ -1,9 +1,11 @@
-"""AdamW with head / backbone parameter groups and a warmup + cosine (or poly) schedule."""
+"""AdamW with head / backbone parameter groups and a warmup + cosine (or poly, or Meta's one-cycle) schedule."""
 
 import math
 
 import torch
 from torch import nn
+
+from .one_cycle import WarmupOneCycleLR
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -12,13 +14,16 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(head: nn.Module, backbone: nn.Module, lr: float, weight_decay: float,
-                 backbone_lr_mult: float) -> list[dict]:
-    """Four groups: head / backbone x decay / no decay (biases, norms, tokens, embeddings). Frozen params are left out."""
+                 backbone_lr_mult: float, decay_all: bool = False) -> list[dict]:
+    """Four groups: head / backbone x decay / no decay (biases, norms, tokens, embeddings). Frozen params are left out.
+
+    ``decay_all``: weight decay on every parameter (Meta's depth recipe decays the whole decoder).
+    """
     groups = []
     for module, module_lr, prefix in ((head, lr, "head"), (backbone, lr * backbone_lr_mult, "backbone")):
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        decay = [p for n, p in named if not _no_decay(n, p)]
-        no_decay = [p for n, p in named if _no_decay(n, p)]
+        decay = [p for n, p in named if decay_all or not _no_decay(n, p)]
+        no_decay = [p for n, p in named if not decay_all and _no_decay(n, p)]
         if decay:
             groups.append({"params": decay, "lr": module_lr, "weight_decay": weight_decay, "name": f"{prefix}"})
         if no_decay:
@@ -47,10 +52,15 @@ def warmup_schedule(total_steps: int, warmup_steps: int, warmup_ratio: float = 1
 def build_optimizer(head: nn.Module, backbone: nn.Module, total_steps: int, lr: float = 1e-3,
                     weight_decay: float = 1e-3, backbone_lr_mult: float = 0.1, betas=(0.9, 0.999),
                     warmup_steps: int = 0, warmup_ratio: float = 1e-3, schedule: str = "cosine",
-                    min_lr_ratio: float = 0.0, power: float = 1.0):
-    """AdamW + a per-step ``LambdaLR``, in the form Lightning's ``configure_optimizers`` returns."""
-    optimizer = torch.optim.AdamW(param_groups(head, backbone, lr, weight_decay, backbone_lr_mult), lr=lr,
+                    min_lr_ratio: float = 0.0, power: float = 1.0, decay_all: bool = False,
+                    one_cycle: dict | None = None):
+    """AdamW + a per-step ``LambdaLR`` (or ``schedule="one_cycle"``: Meta's ``WarmupOneCycleLR``, its options in
+    ``one_cycle``), in the form Lightning's ``configure_optimizers`` returns."""
+    optimizer = torch.optim.AdamW(param_groups(head, backbone, lr, weight_decay, backbone_lr_mult, decay_all), lr=lr,
                                   betas=tuple(betas))
+    if schedule == "one_cycle":
+        scheduler = WarmupOneCycleLR(optimizer, total_steps, warmup_steps, **(one_cycle or {}))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
     factor = warmup_schedule(total_steps, warmup_steps, warmup_ratio, schedule, min_lr_ratio, power)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -23,6 +23,7 @@ from dense_data.io import read_rgb, to_rgb_uint8
 from dense_data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 from .tta import ACTIVATIONS, TTA, preset_settings, resize, to_probs, tta_inference
+from .padding import pad_for_head
 
 KINDS = ("segmentation", "depth", "detection", "classification")
 EXPORT_FORMAT = "dinov3-heads-export/1"
@@ -37,7 +38,8 @@ class ExportError(ValueError):
 class DenseModel(nn.Module):
     """Backbone + head as one module: ``forward(images (B, 3, H, W) normalized)`` -> the head's prediction.
 
-    Inputs are padded bottom/right to a multiple of the backbone stride and the output is cut back:
+    Inputs are padded bottom/right to a multiple of the backbone stride (centred when the head's ``input_padding``
+    is ``center``, see ``tasks.padding``) and the output is cut back:
     dense kinds give ``(B, C, H, W)`` at the input size, detection a list of dicts with boxes clipped to
     the input, classification ``(B, K)`` logits.
     """
@@ -50,6 +52,7 @@ class DenseModel(nn.Module):
 
     def forward(self, images: torch.Tensor):
         height, width = images.shape[-2:]
+        images, (top, left) = pad_for_head(images, self.backbone.pad_to, self.head)
         features = self.backbone(images)  # pads bottom/right to the backbone stride
         prediction = self.head.predict(self.head(features, features.padded_size), features.padded_size)
         if self.kind == "detection":
@@ -58,7 +61,7 @@ class DenseModel(nn.Module):
                     for p in prediction]
         if self.kind == "classification":
             return prediction
-        return prediction[..., :height, :width]
+        return prediction[..., top:top + height, left:left + width]
 
 
 # ---------------------------------------------------------------------------------------------- images

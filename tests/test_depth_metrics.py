@@ -31,11 +31,11 @@ def run_metric(pred, gt, **kw):
 
 # ----------------------------------------------------------------------------------------------- hand-worked
 def test_metrics_3x3_by_hand():
-    # valid: gt in (0.001, 10]: 1, 2, 4, 10 (10 is inclusive); 0, 20 (> max) and 0.0005 (< min) are masked
+    # valid with max_inclusive: gt in (0.001, 10]: 1, 2, 4, 10; 0, 20 (> max) and 0.0005 (< min) are masked
     gt = [[1.0, 2.0, 0.0], [4.0, 20.0, 0.0005], [0.0, 10.0, 0.0]]
     pred = [[2.0, 2.2, 5.0], [6.0, 1.0, 1.0], [7.0, 8.0, 9.0]]
     # pairs (p, g): (2, 1), (2.2, 2), (6, 4), (8, 10)
-    r = run_metric(pred, gt, min_depth=0.001, max_depth=10.0)
+    r = run_metric(pred, gt, min_depth=0.001, max_depth=10.0, max_inclusive=True)
     assert set(r) == set(METRIC_NAMES) and all(isinstance(v, float) for v in r.values())
     assert r["abs_rel"] == pytest.approx((1 / 1 + 0.2 / 2 + 2 / 4 + 2 / 10) / 4)  # 0.45
     assert r["abs_rel"] == pytest.approx(0.45)
@@ -48,6 +48,9 @@ def test_metrics_3x3_by_hand():
     assert r["silog"] == pytest.approx(100 * math.sqrt(sum(x * x for x in d) / 4 - mean_d**2))
     # max ratios 2, 1.1, 1.5, 1.25: < 1.25 -> only 1.1; < 1.5625 -> 1.1, 1.5, 1.25; < 1.953125 -> same three
     assert (r["delta1"], r["delta2"], r["delta3"]) == pytest.approx((0.25, 0.75, 0.75))
+    # Meta's masking (the default) drops gt >= max: the pair (8, 10) is left out
+    meta = run_metric(pred, gt, min_depth=0.001, max_depth=10.0)
+    assert meta["abs_rel"] == pytest.approx((1 / 1 + 0.2 / 2 + 2 / 4) / 3)
 
 
 def test_prediction_clamped_to_range():
@@ -104,8 +107,12 @@ def test_eigen_crop_region_480x640():
     assert torch.equal(big, ref)
     small = eigen_crop_mask(240, 320)
     ref = torch.zeros(240, 320, dtype=torch.bool)
-    ref[23:236, 21:301] = True
+    ref[22:235, 20:300] = True
     assert torch.equal(small, ref)
+    # rounding half up instead: 22.5 -> 23, 235.5 -> 236, 20.5 -> 21, 300.5 -> 301
+    ref = torch.zeros(240, 320, dtype=torch.bool)
+    ref[23:236, 21:301] = True
+    assert torch.equal(eigen_crop_mask(240, 320, rounding="round"), ref)
 
 
 def test_eigen_crop_metric():
@@ -233,8 +240,8 @@ def test_real_stereo_motorcycle(tmp_path):
 
     pred = gt * 1.1
     pred[~valid] = 3.0
-    r = run_metric(pred, gt, min_depth=1e-3, max_depth=10.0)
-    # independent numpy reference: clamp to [1e-3, 10], mean over valid pixels
+    r = run_metric(pred, gt, min_depth=1e-3, max_depth=10.0, max_inclusive=True)
+    # independent numpy reference: clamp to [1e-3, 10], mean over valid pixels (gt <= 10: max_inclusive)
     g = gt[valid].astype(np.float64)
     p = np.clip(g * 1.1, 1e-3, 10.0)
     assert r["abs_rel"] == pytest.approx(np.mean(np.abs(p - g) / g), rel=1e-6)

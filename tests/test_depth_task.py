@@ -49,8 +49,7 @@ def test_demo_dpt_trains_and_writes_metrics_checkpoint_and_picture(tmp_path, tra
     assert np.asarray(Image.open(pictures[-1])).shape == (2 * 64, 3 * 64, 3)  # 2 rows of image | gt | prediction
 
 
-def test_nyu_dpt_runs_on_nyu_format_folders(tmp_path, train_cli):
-    root = tmp_path / "nyu"
+def _nyu_folders(root: Path) -> None:
     for split, num, seed in (("train", 6, 0), ("test", 2, 1)):
         for i in range(num):
             scene = make_scene(i, size=(60, 80), seed=seed)
@@ -58,6 +57,11 @@ def test_nyu_dpt_runs_on_nyu_format_folders(tmp_path, train_cli):
             depth[:3] = 0.0  # an invalid band, as NYU's borders
             write_nyu_sample(root, f"scene_{split}/rgb_{i:05d}.png", f"scene_{split}/sync_depth_{i:05d}.png",
                              scene["image"], depth, split=split)
+
+
+def test_nyu_dpt_runs_on_nyu_format_folders(tmp_path, train_cli):
+    root = tmp_path / "nyu"
+    _nyu_folders(root)
     run_dir = tmp_path / "run"
     result = train_cli("task=nyu_dpt", "backbone=vit_test", "backbone.weights=null", "trainer=cpu",
                        f"paths.data_root={root}", "data.crop_size=[48,64]", "data.base_size=60",
@@ -71,6 +75,44 @@ def test_nyu_dpt_runs_on_nyu_format_folders(tmp_path, train_cli):
     assert hparams["max_depth"] == 9.5 and hparams["eigen_crop"] and hparams["eval_flip"]  # tied to head.max_depth
     assert hparams["head"]["output"] == "bins"
     assert list((run_dir / "vis").glob("val_step*.png"))
+
+
+def test_nyu_linear_is_metas_recipe_and_runs(tmp_path, train_cli):
+    """task=nyu_linear: Meta's config-nyu.yaml values, and a 3-step run through its one-cycle schedule."""
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["task=nyu_linear"])
+    assert cfg.head._target_ == "heads.linear_depth.LinearDepthHead" and list(cfg.backbone.out_indices) == [-1]
+    assert (cfg.head.num_bins, cfg.head.min_depth, cfg.head.max_depth, cfg.head.use_cls) == (256, 0.001, 10.0, False)
+    assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.weight_decay, cfg.optim.decay_all) == (
+        3e-4, [0.9, 0.99], 1e-4, True)
+    assert (cfg.optim.schedule, cfg.optim.warmup_steps, cfg.trainer.max_steps) == ("one_cycle", 12800, 38400)
+    assert cfg.optim.one_cycle.final_div_factor == 1000.0 and cfg.trainer.gradient_clip_val == 35.0
+    assert list(cfg.data.crop_size) == [416, 544] and cfg.module.eigen_crop and cfg.module.eval_flip
+    assert cfg.module.align == "none" and cfg.module.crop_rounding == "floor" and not cfg.module.max_inclusive
+    root = tmp_path / "nyu"
+    _nyu_folders(root)
+    run_dir = tmp_path / "run"
+    result = train_cli("task=nyu_linear", "backbone=vit_test", "backbone.weights=null", "trainer=cpu",
+                       f"paths.data_root={root}", "data.crop_size=[48,64]", "data.base_size=60",
+                       "data.batch_size=3", "data.val_batch_size=2", "data.num_workers=0",
+                       "trainer.max_steps=3", "trainer.val_check_interval=3", "optim.warmup_steps=1",
+                       f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(_metrics(run_dir)) == DEPTH_KEYS
+    scheduler = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["lr_schedulers"][0]
+    assert (scheduler["total_steps"], scheduler["warmup_steps"], scheduler["final_div_factor"]) == (3, 1, 1000.0)
+
+
+def test_released_depther_eval_preset_is_metas():
+    """task=nyu_dpt_released_eval: config-nyu-synthmix-dpt-inference.yaml's evaluation on Meta's depther layout."""
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["task=nyu_dpt_released_eval"])
+    assert cfg.backbone.name == "vit7b16" and cfg.trainer.max_steps == 0 and cfg.head.weights is None
+    assert (cfg.head.features, cfg.head.post_channels, cfg.head.output, cfg.head.max_depth) == (512, "meta", "bins", 100.0)
+    assert (cfg.head.bin_placement, cfg.head.bin_norm, cfg.head.fusion_upsample, cfg.head.input_padding) == (
+        "linspace", "linear", "x2", "center")
+    assert cfg.data.eval_short_side == 768 and cfg.module.align == "least_squares" and cfg.module.eval_flip
+    assert (cfg.module.min_depth, cfg.module.max_depth, cfg.module.eigen_crop) == (0.001, 10.0, True)
 
 
 def _task(**kwargs) -> DepthTask:

@@ -73,7 +73,11 @@ def test_convnext_shapes_bins_and_gradients():
     assert all(isinstance(r.resize, torch.nn.Identity) for r in head.reassemble)
     out = head(feats, (80, 112))
     assert out["depth"].shape == (2, 1, 80, 112)
-    assert out["logits"].shape == (2, 16, 80, 112)
+    # Meta's x2 fusion: 80x112 has a 3x4 grid at stride 32 (ceil), so the logits come out at 96x128 and only the
+    # depth is resized to the input; to_skip fusion keeps every grid and gives logits at the input size
+    assert out["logits"].shape == (2, 16, 96, 128)
+    to_skip = DPTHead(feats.channels, feats.strides, output="bins", num_bins=16, fusion_upsample="to_skip", **TINY)
+    assert to_skip(feats, (80, 112))["logits"].shape == (2, 16, 80, 112)
     head.loss(out, {"depth": torch.rand(2, 80, 112) * 5 + 0.5})["loss_silog"].backward()
     assert_all_grads(head)
 
@@ -104,6 +108,10 @@ def test_defaults():
     assert head.post_channels == [48, 96, 192, 384]
     assert default_features(768) == 128 and default_features(1024) == 256
     assert DPTHead([96, 192, 384, 768], [4, 8, 16, 32]).post_channels == [96, 192, 384, 768]
+    # Meta's released depthers' rule: [min(C, 2048)] x 4 ([1024] x 4 on ViT-L, [2048] x 4 on ViT-7B)
+    assert DPTHead([384] * 4, [16] * 4, features=8, post_channels="meta").post_channels == [384] * 4
+    with pytest.raises(ValueError, match="post_channels"):
+        DPTHead([384] * 4, [16] * 4, post_channels="full")
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -143,7 +151,8 @@ def test_one_hot_bins_give_bin_centre(spacing):
     else:
         e = np.exp(np.linspace(np.log(lo), np.log(hi), k_bins + 1))
         centres = np.sqrt(e[:-1] * e[1:])
-    head = DPTHead([C] * 4, [16] * 4, output="bins", bin_spacing=spacing, min_depth=lo, max_depth=hi, **TINY)
+    head = DPTHead([C] * 4, [16] * 4, output="bins", bin_spacing=spacing, min_depth=lo, max_depth=hi,
+                   bin_placement="midpoints", bin_norm="softmax", **TINY)
     for k in (0, 37, 200, 255):
         # through the reduction directly
         logits = torch.zeros(1, k_bins, 3, 4)
@@ -174,10 +183,17 @@ def test_bf16_autocast_gives_float32_depth(output):
 
 
 def test_bins_mixture_is_expectation():
-    head = DPTHead([C] * 4, [16] * 4, output="bins", num_bins=4, min_depth=1.0, max_depth=5.0, **TINY)
+    head = DPTHead([C] * 4, [16] * 4, output="bins", num_bins=4, min_depth=1.0, max_depth=5.0,
+                   bin_placement="midpoints", bin_norm="softmax", **TINY)
     p = np.array([0.1, 0.2, 0.3, 0.4])  # centres 1.5, 2.5, 3.5, 4.5
     logits = torch.tensor(np.log(p), dtype=torch.float32).view(1, 4, 1, 1)
     assert float(head.bins_to_depth(logits)) == pytest.approx(0.1 * 1.5 + 0.2 * 2.5 + 0.3 * 3.5 + 0.4 * 4.5, rel=1e-5)
+    # Meta's mapping (the default): bins linspace(1, 5, 4) = 1, 7/3, 11/3, 5, weights relu(x) + 0.1 normalised
+    meta = DPTHead([C] * 4, [16] * 4, output="bins", num_bins=4, min_depth=1.0, max_depth=5.0, **TINY)
+    x = torch.tensor([-1.0, 0.4, 0.9, 0.0]).view(1, 4, 1, 1)
+    w = np.array([0.1, 0.5, 1.0, 0.1])
+    ref = float((w / w.sum()) @ np.array([1.0, 7 / 3, 11 / 3, 5.0]))
+    assert float(meta.bins_to_depth(x)) == pytest.approx(ref, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------- losses
@@ -200,13 +216,20 @@ def test_silog_against_numpy_formula():
 
 
 def test_head_loss_masks_zero_and_out_of_range():
-    head = DPTHead([C] * 4, [16] * 4, min_depth=0.5, max_depth=5.0, **TINY)
+    head = DPTHead([C] * 4, [16] * 4, min_depth=0.5, max_depth=5.0, silog_unbiased=False, silog_warmup=0, **TINY)
     gt = torch.tensor([[[1.0, 2.0, 0.0], [7.0, 0.2, 4.0]]], dtype=torch.float64)  # 0, 7 (>max), 0.2 (<min) invalid
     pred = torch.tensor([[[1.5, 1.0, 3.0], [0.1, 9.0, 4.0]]], dtype=torch.float64).unsqueeze(1)
     valid = [(1.5, 1.0), (1.0, 2.0), (4.0, 4.0)]
     g = np.array([math.log(p + 1e-3) - math.log(q + 1e-3) for p, q in valid])
     ref = math.sqrt(np.mean((g - g.mean()) ** 2) + 0.15 * g.mean() ** 2)
     assert float(head.loss({"depth": pred}, {"depth": gt})["loss_silog"]) == pytest.approx(ref, rel=1e-10)
+    # the defaults (Meta's): the first 100 training calls leave the variance out, then Var with N - 1
+    meta = DPTHead([C] * 4, [16] * 4, min_depth=0.5, max_depth=5.0, **TINY)
+    first = float(meta.loss({"depth": pred}, {"depth": gt})["loss_silog"])
+    assert first == pytest.approx(math.sqrt(0.15) * abs(g.mean()), rel=1e-10)
+    meta.criterion.silog.calls = 100
+    unbiased = math.sqrt(np.var(g, ddof=1) + 0.15 * g.mean() ** 2)
+    assert float(meta.loss({"depth": pred}, {"depth": gt})["loss_silog"]) == pytest.approx(unbiased, rel=1e-10)
 
 
 def test_gradient_matching_against_brute_force():

@@ -1,6 +1,7 @@
 """Monocular depth metrics, computed per image and averaged over images (the NYUv2 / KITTI convention).
 
-Per image, over the valid pixels ``V`` (``min_depth < gt <= max_depth``, finite, optionally inside the Eigen crop),
+Per image, over the valid pixels ``V`` (``min_depth < gt < max_depth`` as Meta's evaluation drops ``gt >= max``,
+or ``<= max_depth`` with ``max_inclusive``; finite; optionally inside the Eigen crop),
 after optional per-image alignment and then clamping the prediction ``p`` to ``[min_depth, max_depth]``::
 
     abs_rel  = mean(|p - g| / g)
@@ -31,11 +32,20 @@ ALIGN_MODES = ("none", "median", "least_squares")
 EIGEN_CROP_480x640 = (45, 471, 41, 601)
 
 
-def eigen_crop_mask(height: int, width: int, device: torch.device | str | None = None) -> Tensor:
-    """``(H, W)`` bool, True inside the NYU Eigen crop scaled from 480x640 (each bound rounded half up)."""
+CROP_ROUNDING = ("floor", "round")
+
+
+def eigen_crop_mask(height: int, width: int, device: torch.device | str | None = None,
+                    rounding: str = "floor") -> Tensor:
+    """``(H, W)`` bool, True inside the NYU Eigen crop scaled from 480x640.
+
+    ``rounding``: ``floor`` (Meta's ``int(v / 480 * H)``) or ``round`` (half up) for each scaled bound.
+    """
+    if rounding not in CROP_ROUNDING:
+        raise ValueError(f"crop rounding must be one of {CROP_ROUNDING}, got {rounding!r}")
 
     def scale(v: int, num: int, den: int) -> int:
-        return int(math.floor(v * num / den + 0.5))
+        return int(v / den * num) if rounding == "floor" else int(math.floor(v * num / den + 0.5))
 
     r0, r1, c0, c1 = EIGEN_CROP_480x640
     mask = torch.zeros(height, width, dtype=torch.bool, device=device)
@@ -44,12 +54,15 @@ def eigen_crop_mask(height: int, width: int, device: torch.device | str | None =
 
 
 def valid_depth_mask(
-    gt: Tensor, min_depth: float = 1e-3, max_depth: float = 10.0, eigen_crop: bool = False
+    gt: Tensor, min_depth: float = 1e-3, max_depth: float = 10.0, eigen_crop: bool = False,
+    max_inclusive: bool = False, crop_rounding: str = "floor",
 ) -> Tensor:
-    """``(..., H, W)`` metres -> bool mask ``finite & min_depth < gt <= max_depth`` [& Eigen crop]."""
-    mask = torch.isfinite(gt) & (gt > min_depth) & (gt <= max_depth)
+    """``(..., H, W)`` metres -> bool mask ``finite & min_depth < gt < max_depth`` (``<=`` with ``max_inclusive``)
+    [& Eigen crop with ``crop_rounding``]."""
+    below = gt <= max_depth if max_inclusive else gt < max_depth
+    mask = torch.isfinite(gt) & (gt > min_depth) & below
     if eigen_crop:
-        mask = mask & eigen_crop_mask(gt.shape[-2], gt.shape[-1], gt.device)
+        mask = mask & eigen_crop_mask(gt.shape[-2], gt.shape[-1], gt.device, crop_rounding)
     return mask
 
 
@@ -103,6 +116,8 @@ def image_depth_metrics(
     max_depth: float = 10.0,
     eigen_crop: bool = False,
     align: str = "none",
+    max_inclusive: bool = False,
+    crop_rounding: str = "floor",
 ) -> dict[str, Tensor] | None:
     """Metrics of one image: ``pred``, ``gt`` ``(H, W)`` metres. None when no pixel is valid.
 
@@ -110,7 +125,7 @@ def image_depth_metrics(
     """
     if align not in ALIGN_MODES:
         raise ValueError(f"align must be one of {ALIGN_MODES}, got {align!r}")
-    mask = valid_depth_mask(gt, min_depth, max_depth, eigen_crop)
+    mask = valid_depth_mask(gt, min_depth, max_depth, eigen_crop, max_inclusive, crop_rounding)
     if not bool(mask.any()):
         return None
     pred = pred.double()
@@ -145,13 +160,18 @@ class DepthMetrics(Metric):
         max_depth: float = 10.0,
         eigen_crop: bool = False,
         align: str = "none",
+        max_inclusive: bool = False,
+        crop_rounding: str = "floor",
         **kwargs,
     ):
         super().__init__(**kwargs)
         if align not in ALIGN_MODES:
             raise ValueError(f"align must be one of {ALIGN_MODES}, got {align!r}")
+        if crop_rounding not in CROP_ROUNDING:
+            raise ValueError(f"crop_rounding must be one of {CROP_ROUNDING}, got {crop_rounding!r}")
         self.min_depth, self.max_depth = float(min_depth), float(max_depth)
         self.eigen_crop, self.align = bool(eigen_crop), align
+        self.max_inclusive, self.crop_rounding = bool(max_inclusive), crop_rounding
         for name in METRIC_NAMES:
             self.add_state(f"sum_{name}", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
@@ -166,7 +186,8 @@ class DepthMetrics(Metric):
         preds = preds[:, 0].detach()
         target = target.detach()
         for p, g in zip(preds, target):
-            values = image_depth_metrics(p, g, self.min_depth, self.max_depth, self.eigen_crop, self.align)
+            values = image_depth_metrics(p, g, self.min_depth, self.max_depth, self.eigen_crop, self.align,
+                                         self.max_inclusive, self.crop_rounding)
             if values is None:
                 continue
             for name, v in values.items():
