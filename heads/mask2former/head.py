@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .criterion import Mask2FormerCriterion, semantic_to_targets
 from .pixel_decoder import MSDeformAttnPixelDecoder
-from .pyramid import SimpleFeaturePyramid
+from ..ops.pyramid import SimpleFeaturePyramid
 from .transformer_decoder import MaskedTransformerDecoder
 
 
