@@ -45,7 +45,8 @@ class DecoderSpec:
         defaults: the decoder's keyword arguments as the smp model sets them (overridable per head).
         build: ``(in_channels, strides, has_cls, kwargs) -> decoder``.
         width: ``(decoder, kwargs) -> channels`` of the decoder output.
-        level_strides: ``kwargs -> strides`` of the four levels it reads; None: the backbone maps as they are.
+        level_strides: ``kwargs -> strides`` of its four input levels, ``None`` for a level it does not read;
+            ``level_strides=None``: the backbone maps as they are.
         multiple: input sides the decoder needs to be a multiple of (maps are zero-padded up to it, the output cropped).
         head: ``(width, num_classes) -> segmentation head`` (smp's, with the model's kernel size and upsampling).
     """
@@ -76,7 +77,7 @@ def _seg_head(kernel_size: int, upsampling: int) -> Callable[[int, int], nn.Modu
     return lambda width, num_classes: SegmentationHead(width, num_classes, kernel_size=kernel_size, upsampling=upsampling)
 
 
-_PYRAMID = lambda kwargs: (4, 8, 16, 32)  # noqa: E731
+_PYRAMID = lambda kwargs: (4, 8, 16, 32)  # noqa: E731  (DeepLabV3+ reads only the finest and the deepest)
 
 DECODERS: dict[str, DecoderSpec] = {
     "fpn": DecoderSpec(
@@ -96,7 +97,7 @@ DECODERS: dict[str, DecoderSpec] = {
         defaults=dict(out_channels=256, atrous_rates=(12, 24, 36), output_stride=16, aspp_separable=True,
                       aspp_dropout=0.5),
         build=_pyramid(DeepLabV3PlusDecoder), width=lambda decoder, kwargs: kwargs["out_channels"],
-        level_strides=lambda kwargs: (4, 8, 16, kwargs["output_stride"]), head=_seg_head(1, 4)),
+        level_strides=lambda kwargs: (4, None, None, kwargs["output_stride"]), head=_seg_head(1, 4)),
     "dpt": DecoderSpec(
         defaults=dict(readout="cat", intermediate_channels=(256, 512, 1024, 1024), fusion_channels=256),
         build=_dpt, width=lambda decoder, kwargs: kwargs["fusion_channels"], level_strides=None,

@@ -5,7 +5,8 @@
 The pyramid is built only when the decoder reads other strides than the backbone gives: a ViT's four stride-16
 maps become strides 4/8/16/32 (4/8/16/16 for DeepLabV3+), ``pyramid_channels`` wide; a ConvNeXt's native
 4/8/16/32 maps go in as they are (DeepLabV3+ still resamples its stride-32 map to 16). DPT reassembles the ViT's
-stride-16 maps itself and reads the class tokens (``readout``).
+stride-16 maps itself and reads the class tokens (``readout``). Multi-bin adaptive pooling (UPerNet's PSP) is
+swapped for an equal version that exports to ONNX with dynamic sizes (``pooling.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from backbones.features import Features
 from ..ops.pyramid import SimpleFeaturePyramid
 from ..seg_losses import SegLoss
 from .decoders import DECODERS, call_decoder
+from .pooling import export_safe_pooling
 
 
 class SMPHead(nn.Module):
@@ -53,14 +55,17 @@ class SMPHead(nn.Module):
         self.name, self.multiple = decoder, spec.multiple
         self.in_strides = list(strides)
         self.uses_cls = len(set(strides)) == 1
-        level_strides = list(spec.level_strides(kwargs)) if spec.level_strides else list(strides)
-        if level_strides != list(strides):
-            self.pyramid = SimpleFeaturePyramid(in_channels, strides, pyramid_channels, level_strides)
-            channels = [pyramid_channels] * len(level_strides)
-        else:
-            self.pyramid = None
-            channels = list(in_channels)
-        self.decoder = spec.build(channels, level_strides, self.uses_cls, kwargs)
+        wanted = list(spec.level_strides(kwargs)) if spec.level_strides else list(strides)
+        self.read = [i for i, s in enumerate(wanted) if s is not None]  # levels the decoder reads
+        self.num_levels = len(wanted)
+        if len(wanted) == len(strides) and all(wanted[i] == strides[i] for i in self.read):
+            self.pyramid = None  # the maps go in as they are
+            channels, level_strides = list(in_channels), list(strides)
+        else:  # build only the levels the decoder reads; the others are zero-channel placeholders
+            self.pyramid = SimpleFeaturePyramid(in_channels, strides, pyramid_channels, [wanted[i] for i in self.read])
+            channels = [pyramid_channels if i in self.read else 0 for i in range(len(wanted))]
+            level_strides = wanted
+        self.decoder = export_safe_pooling(spec.build(channels, level_strides, self.uses_cls, kwargs))
         self.segmentation_head = spec.head(spec.width(self.decoder, kwargs), num_classes)
         initialize_decoder(self.decoder)
         initialize_head(self.segmentation_head)
@@ -75,6 +80,14 @@ class SMPHead(nn.Module):
             padded.append(F.pad(m, (0, pad_w, 0, pad_h)))
         return padded
 
+    def _levels(self, built: list[Tensor]) -> list[Tensor]:
+        """Pyramid outputs at the read positions, ``(B, 0, h, w)`` placeholders at the others."""
+        placeholder = built[0].new_zeros(built[0].shape[0], 0, *built[0].shape[-2:])
+        levels = [placeholder] * self.num_levels
+        for i, level in zip(self.read, built):
+            levels[i] = level
+        return levels
+
     def forward(self, features: Features, image_size: tuple[int, int]) -> Tensor:
         """Returns logits ``(B, K, H, W)`` on the input grid the maps cover (``H = h_0 * stride_0``)."""
         maps = [m.float() for m in features.maps]
@@ -87,7 +100,7 @@ class SMPHead(nn.Module):
                 raise ValueError("the DPT head was built for a ViT (equal strides) and reads class tokens, "
                                  "but these features have none")
             cls = [c.float() for c in features.cls]
-        levels = self.pyramid(maps) if self.pyramid is not None else maps
+        levels = maps if self.pyramid is None else self._levels(self.pyramid(maps))
         logits = self.segmentation_head(call_decoder(self.name, self.decoder, levels, cls))
         return logits[..., :height, :width]
 
