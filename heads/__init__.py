@@ -4,5 +4,6 @@ from .detr import DETRHead
 from .dpt import DPTHead
 from .linear import LinearClassifier, LinearSegHead
 from .mask2former import Mask2FormerHead
+from .smp import SMPHead
 
-__all__ = ["DETRHead", "DPTHead", "LinearClassifier", "LinearSegHead", "Mask2FormerHead"]
+__all__ = ["DETRHead", "DPTHead", "LinearClassifier", "LinearSegHead", "Mask2FormerHead", "SMPHead"]
