@@ -5,5 +5,7 @@ from .dpt import DPTHead
 from .linear import LinearClassifier, LinearSegHead
 from .linear_depth import LinearDepthHead
 from .mask2former import Mask2FormerHead
+from .smp import SMPHead
 
-__all__ = ["DETRHead", "DPTHead", "LinearClassifier", "LinearDepthHead", "LinearSegHead", "Mask2FormerHead"]
+__all__ = ["DETRHead", "DPTHead", "LinearClassifier", "LinearDepthHead", "LinearSegHead", "Mask2FormerHead",
+           "SMPHead"]

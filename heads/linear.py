@@ -8,7 +8,7 @@ from torch import nn
 
 from backbones.features import Features
 
-IGNORE_INDEX = 255
+from .seg_losses import SegLoss
 
 
 class LinearClassifier(nn.Module):
@@ -63,10 +63,14 @@ class LinearSegHead(nn.Module):
     Args:
         in_channels: channels of the maps used (all of them are concatenated).
         dropout: ``Dropout2d`` rate before BatchNorm.
+        loss, loss_weights, avg_non_ignore, loss_options: the per-pixel loss, see ``heads.seg_losses.SegLoss``
+            (default: cross-entropy averaged over labelled pixels; Meta's recipe averages over all pixels).
     """
 
-    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int, dropout: float = 0.1):
+    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int, dropout: float = 0.1,
+                 loss="ce", loss_weights=None, avg_non_ignore: bool = True, loss_options=None):
         super().__init__()
+        self.criterion = SegLoss(loss, loss_weights, avg_non_ignore=avg_non_ignore, loss_options=loss_options)
         channels = sum(in_channels)
         self.dropout = nn.Dropout2d(dropout)
         self.batchnorm = nn.BatchNorm2d(channels)
@@ -82,12 +86,8 @@ class LinearSegHead(nn.Module):
         return self.conv(self.batchnorm(self.dropout(torch.cat(maps, dim=1))))
 
     def loss(self, outputs: torch.Tensor, targets: dict) -> dict[str, torch.Tensor]:
-        """Cross-entropy on logits upsampled to the mask size ``(B, H, W)``, 255 ignored."""
-        mask = targets["mask"]
-        logits = F.interpolate(outputs, mask.shape[-2:], mode="bilinear", align_corners=False)
-        if not (mask != IGNORE_INDEX).any():
-            return {"loss_ce": logits.sum() * 0.0}
-        return {"loss_ce": F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)}
+        """The configured losses (default cross-entropy) on logits upsampled to the mask size ``(B, H, W)``, 255 ignored."""
+        return self.criterion(outputs, targets["mask"])
 
     def predict(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Class logits ``(B, K, H, W)`` at ``image_size``."""

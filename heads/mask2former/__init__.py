@@ -5,7 +5,7 @@ from .criterion import Mask2FormerCriterion, semantic_to_targets
 from .head import Mask2FormerHead
 from .matcher import HungarianMatcher
 from .pixel_decoder import MSDeformAttnPixelDecoder
-from .pyramid import SimpleFeaturePyramid
+from ..ops.pyramid import SimpleFeaturePyramid
 from .transformer_decoder import MaskedTransformerDecoder
 
 __all__ = [

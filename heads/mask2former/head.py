@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.pyramid import SimpleFeaturePyramid, group_norm
 from .adapter import ViTAdapter
 from .criterion import Mask2FormerCriterion, semantic_to_targets
 from .pixel_decoder import MSDeformAttnPixelDecoder
-from .pyramid import SimpleFeaturePyramid, group_norm
 from .transformer_decoder import MaskedTransformerDecoder
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import MSDeformAttn
-from .pyramid import group_norm
+from ..ops.pyramid import group_norm
 
 
 def sine_position_embedding(

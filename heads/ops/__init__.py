@@ -2,5 +2,7 @@
 
 from .distributed import average_over_processes
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn_core
+from .pyramid import PYRAMID_STRIDES, SimpleFeaturePyramid, group_norm
 
-__all__ = ["MSDeformAttn", "average_over_processes", "ms_deform_attn_core"]
+__all__ = ["MSDeformAttn", "PYRAMID_STRIDES", "SimpleFeaturePyramid", "average_over_processes", "group_norm",
+           "ms_deform_attn_core"]

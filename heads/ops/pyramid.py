@@ -1,4 +1,7 @@
-"""Simple feature pyramid (ViTDet, Li et al. 2022): backbone maps -> strides 4/8/16/32.
+"""Simple feature pyramid (ViTDet, Li et al. 2022): backbone maps -> pyramid levels at chosen strides.
+
+Shared by the heads that need multi-scale inputs from a plain ViT (Mask2Former, the smp decoders). The output
+strides are configurable (default 4/8/16/32; DeepLabV3+ reads 4/8/16/16).
 
 Each output level ``i`` takes one input map, projects it to ``out_channels`` (1x1 conv + GroupNorm)
 and then resamples it by powers of two: transposed 2x2 convolutions to go finer, stride-2 3x3
@@ -8,6 +11,7 @@ parameter count proportional to ``out_channels`` rather than to the (possibly 10
 - A ViT gives 4 maps at stride 16: shallow -> stride 4 (2 deconvs), next -> 8 (1 deconv),
   next -> 16 (identity), deepest -> 32 (strided conv).
 - A ConvNeXt gives maps at strides 4/8/16/32: projection only.
+- Any other output strides: the same rule, e.g. a stride-32 ConvNeXt map -> 16 by one deconv.
 - Any other number of maps: level ``i`` reads map ``round(i * (n - 1) / 3)`` (one map feeds all levels).
 """
 
