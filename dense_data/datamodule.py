@@ -13,13 +13,14 @@ class DenseDataModule(L.LightningDataModule):
         train, val: raw datasets (``dense_data`` readers or the synthetic set).
         targets: what the task trains on: any of ``mask``, ``depth``, ``boxes``, ``label``.
         num_classes: classes of the label space; ``class_names`` default to the dataset's or ``class_<i>``.
-        crop_size, base_size, scale_range, flip, photometric: the training pipeline (``train_transform``).
+        crop_size, base_size, scale_range, flip, photometric, fixed_crop, rotate: the training pipeline (``train_transform``).
         eval_short_side, eval_center_crop: the evaluation pipeline (``eval_transform``).
     """
 
     def __init__(self, train: Dataset, val: Dataset, targets: list[str], num_classes: int | None = None,
                  class_names: list[str] | None = None, crop_size: int | list[int] = 512, base_size: int | None = None,
                  scale_range: list[float] = (0.5, 2.0), flip: bool = True, photometric: bool = True,
+                 fixed_crop: list[int] | None = None, rotate: float = 0.0,
                  eval_short_side: int | None = None, eval_center_crop: int | None = None, batch_size: int = 8,
                  val_batch_size: int | None = None, num_workers: int = 2):
         super().__init__()
@@ -31,7 +32,8 @@ class DenseDataModule(L.LightningDataModule):
             names = [f"class_{i}" for i in range(num_classes)]
         self.class_names = list(names) if names is not None else None
         crop = crop_size if isinstance(crop_size, int) else tuple(crop_size)
-        self.train_pipeline = train_transform(self.targets, crop, base_size, tuple(scale_range), flip, photometric)
+        self.train_pipeline = train_transform(self.targets, crop, base_size, tuple(scale_range), flip, photometric,
+                                              tuple(fixed_crop) if fixed_crop else None, float(rotate))
         self.eval_pipeline = eval_transform(eval_short_side, eval_center_crop)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size

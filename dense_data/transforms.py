@@ -24,17 +24,27 @@ def _compose(steps: list, targets: tuple[str, ...]) -> A.Compose:
 
 def train_transform(targets: tuple[str, ...], crop_size: int | tuple[int, int] = 512, base_size: int | None = None,
                     scale_range: tuple[float, float] = (0.5, 2.0), flip: bool = True,
-                    photometric: bool = True) -> A.Compose:
-    """Random short-side resize to ``base_size x [scale_range]``, pad, random crop, flip, colour jitter.
+                    photometric: bool = True, fixed_crop: tuple[int, int, int, int] | None = None,
+                    rotate: float = 0.0) -> A.Compose:
+    """[Fixed crop,] random short-side resize to ``base_size x [scale_range]``, [rotation,] pad, random crop, flip,
+    colour jitter.
 
-    Padding fills the image with 0 and the label with 255 (ignore) for masks, 0 (invalid) for depth.
+    ``fixed_crop``: an ``(x1, y1, x2, y2)`` box in pixels cut from every image first (Meta's NYU training crop,
+    ``(43, 45, 608, 472)`` of the 640x480 frames). ``rotate``: with probability 0.5, a rotation by a uniform angle in
+    ``[-rotate, rotate]`` degrees (Meta's NYU recipe: 2.5), labels resampled nearest. Padding and the corners the
+    rotation uncovers fill the image with 0 and the label with 255 (ignore) for masks, 0 (invalid) for depth.
     """
     crop_h, crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
     base = base_size or min(crop_h, crop_w)
     sizes = sorted({max(8, int(round(base * s))) for s in np.linspace(scale_range[0], scale_range[1], 16)})
     fill_label = IGNORE_INDEX if "mask" in targets else 0
-    steps = [
-        A.SmallestMaxSize(max_size=sizes),
+    steps = [A.Crop(*fixed_crop)] if fixed_crop else []
+    steps.append(A.SmallestMaxSize(max_size=sizes))
+    if rotate:
+        steps.append(A.Rotate(limit=(-rotate, rotate), interpolation=cv2.INTER_LINEAR,
+                              mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, fill=0,
+                              fill_mask=fill_label, p=0.5))
+    steps += [
         A.PadIfNeeded(crop_h, crop_w, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0,
                       fill_mask=fill_label),
         A.RandomCrop(crop_h, crop_w),

@@ -115,6 +115,32 @@ def test_train_pipeline_is_joint_and_pads_with_ignore():
             assert (grey[valid] - expected).abs().median() < 3
 
 
+def test_fixed_crop_and_rotation_keep_depth_aligned_and_fill_invalid():
+    """Meta's NYU crop cuts the box first; a rotation resamples depth nearest and fills uncovered corners with 0."""
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[10:20, 5:30] = 200
+    depth = np.full((48, 64), 2.0, np.float32)
+    depth[10:20, 5:30] = 7.0
+    pipeline = train_transform(("depth",), crop_size=(32, 48), base_size=38, scale_range=(1.0, 1.0), flip=False,
+                               photometric=False, fixed_crop=(4, 6, 60, 44), rotate=30.0)
+    rotated = 0
+    for seed in range(8):
+        np.random.seed(seed)
+        out = Transformed([{"image": image, "depth": depth}], pipeline, ("depth",))[0]
+        values = set(np.unique(out["depth"].numpy()).tolist())
+        assert values <= {0.0, 2.0, 7.0}  # nearest resampling: no blended depths
+        rotated += 0.0 in values
+        grey = (out["image"][0] * 0.229 + 0.485) * 255
+        bright = out["depth"] == 7.0
+        assert (grey[bright] > 100).float().mean() > 0.9
+    assert 0 < rotated < 8  # rotation with probability 0.5 uncovers corners (depth 0 = invalid)
+    plain = train_transform(("depth",), crop_size=(38, 56), base_size=38, scale_range=(1.0, 1.0), flip=False,
+                            photometric=False, fixed_crop=(4, 6, 60, 44))
+    out = Transformed([{"image": image, "depth": depth}], plain, ("depth",))[0]
+    assert tuple(out["depth"].shape) == (38, 56) and torch.equal(out["depth"][4:14, 1:26],
+                                                                  torch.full((10, 25), 7.0))
+
+
 def test_boxes_follow_flip_and_resize():
     scene = make_scene(1, size=(64, 64))
     pipeline = train_transform(("boxes",), crop_size=128, base_size=128, scale_range=(1.0, 1.0), photometric=False)
