@@ -4,9 +4,9 @@ Writes into ``out``: ``head.safetensors`` (the head weights), ``config.yaml`` (t
 weights source, out_indices, freeze, head ``_target_`` and arguments, classes, mean/std, eval settings) and,
 only when the backbone is random-init or was trained, ``backbone.safetensors``. ``onnx=true`` adds
 ``model.onnx`` (backbone + head, dynamic batch / height / width, checked against PyTorch with onnxruntime).
-Rebuild with ``tasks.load_predictor(out)``. ``out`` must be new, empty or an earlier export;
-``overwrite=true`` writes into any folder (same-named files replaced, no file of others deleted). ``ckpt`` may also be one of Meta's released head files, with
-``backbone=NAME backbone_weights=SOURCE`` naming the backbone it runs on.
+Rebuild with ``tasks.load_predictor(out)``. ``ckpt`` may also be one of Meta's released head files, with
+``backbone=NAME backbone_weights=SOURCE`` naming the backbone it runs on. ``out`` must be new, empty or an
+earlier export; ``overwrite=true`` writes into any folder (same-named files replaced, no other file deleted).
 """
 
 from __future__ import annotations

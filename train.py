@@ -131,8 +131,9 @@ def train(cfg: DictConfig) -> dict:
                         logger=_loggers(output_dir, resuming=ckpt_path is not None), default_root_dir=output_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except SIGTERMException:  # raised by Lightning after the step in which SIGTERM arrived; `last` saved that step
-        pass
+    except SIGTERMException:  # after the step in which a signal arrived: `last` saved that step, or did not catch it
+        if last.stopped_by is None:
+            raise
     if last.stopped_by is not None:
         if trainer.is_global_zero:
             print(f"stopped at step {trainer.global_step} by a signal; continue with resume=auto "

@@ -105,9 +105,9 @@ class LastCheckpoint(L.Callback):
     A signal in ``signals`` (SLURM sends ``SIGUSR1`` before the time limit with ``--signal=USR1@SECONDS`` and
     ``SIGTERM`` on preemption) only sets a flag; at the end of the current step every process agrees to stop, the
     checkpoint is written, the job is requeued with ``scontrol requeue`` (``requeue=True`` and inside SLURM) and
-    ``Preempted`` ends training without a further validation (Lightning itself ends the step in which SIGTERM arrived with ``SIGTERMException``; the checkpoint
-    is then written in ``on_exception``). Stopping at a step boundary makes the resumed run continue exactly where
-    this one stopped.
+    ``Preempted`` ends training without a further validation. (Lightning itself ends the step in which SIGTERM
+    arrived with ``SIGTERMException``; the checkpoint is then written in ``on_exception``.) Stopping at a step
+    boundary makes the resumed run continue exactly where this one stopped.
     ``stopped_by`` is then the signal's number. Saves go through the trainer (all ranks; the strategy's
     checkpoint IO writes atomically, see ``tasks.checkpoint_io``).
     """

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dense_data.datamodule import DenseDataModule
+from dense_data.synthetic import SyntheticScenes
 from tasks.checkpoint_io import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,3 +135,36 @@ def test_a_failed_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkey
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+def _datamodule(num_workers: int) -> DenseDataModule:
+    scenes = SyntheticScenes(num_images=10, size=[32, 32])
+    return DenseDataModule(scenes, scenes, targets=["mask"], num_classes=6, crop_size=32, base_size=32, batch_size=3,
+                           num_workers=num_workers, seed=7)
+
+
+def test_loader_resumes_mid_epoch_without_replaying_or_skipping():
+    """3 batches per epoch (10 images, batch 3, last partial batch dropped); stop after 4 batches = epoch 1, batch 1."""
+    loader = _datamodule(0).train_dataloader()
+    seen, state = [], None
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            seen.append(batch["image"])
+            if len(seen) == 4:
+                state = loader.state_dict()
+    assert state == {"epoch": 1, "batches": 1, "seed": 7}
+
+    resumed = _datamodule(0).train_dataloader()
+    resumed.load_state_dict(state)
+    rest = [batch["image"] for batch in resumed]  # the rest of epoch 1
+    resumed.sampler.set_epoch(2)
+    rest += [batch["image"] for batch in resumed]
+    assert len(rest) == len(seen) - 4
+    assert all(torch.equal(a, b) for a, b in zip(rest, seen[4:]))
+
+
+def test_augmentations_do_not_depend_on_the_workers():
+    single = next(iter(_datamodule(0).train_dataloader()))
+    workers = next(iter(_datamodule(2).train_dataloader()))
+    assert torch.equal(single["image"], workers["image"]) and torch.equal(single["mask"], workers["mask"])
