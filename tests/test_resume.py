@@ -13,6 +13,7 @@ import torch
 from dense_data.datamodule import DenseDataModule
 from dense_data.synthetic import SyntheticScenes
 from tasks.checkpoint_io import AtomicCheckpointIO
+from train import resume_checkpoint, resume_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 # 12 images / batch 4 = 3 batches per epoch; 10 steps cross two epoch boundaries. Validation at 4 and 8, periodic
@@ -114,10 +115,18 @@ def test_killed_and_preempted_run_resumes_to_the_same_weights(reference, tmp_pat
     assert not list(run_dir.glob("checkpoints/.*tmp*"))
 
 
-def test_resume_of_a_missing_checkpoint_fails_with_its_path(tmp_path):
-    result = _run(f"resume={tmp_path / 'nothing.ckpt'}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2
-    assert f"no checkpoint at {tmp_path / 'nothing.ckpt'}" in result.stderr
+def test_resume_of_a_missing_checkpoint_fails_with_its_path(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        resume_checkpoint(str(tmp_path / "nothing.ckpt"), tmp_path / "run")
+    assert exit_info.value.code == 2
+    assert f"no checkpoint at {tmp_path / 'nothing.ckpt'}" in capsys.readouterr().err
+    assert resume_checkpoint("auto", tmp_path / "run") is None  # nothing yet: the run starts
+    run = tmp_path / "old"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert resume_checkpoint(str(run), tmp_path / "run") == str(run / "checkpoints" / "last.ckpt")
+    assert resume_run_dir(["task=x", f"resume={run / 'checkpoints' / 'last.ckpt'}"])[-1] == f"hydra.run.dir={run}"
+    assert resume_run_dir(["resume=auto", "hydra.run.dir=/x"]) == ["resume=auto", "hydra.run.dir=/x"]
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
