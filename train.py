@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -62,6 +63,18 @@ def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
+def check_checkpoint(path: str) -> None:
+    """Exit with code 2 naming ``path`` when it is not a checkpoint ``torch.load(weights_only=True)`` accepts
+    (truncated, or holding objects that would run code when unpickled). Memory-mapped: tensors are not read."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means the file cannot be resumed from
+        reason = " ".join(str(err).split())[:300]
+        print(f"error: cannot resume from {path}: refused by torch.load(weights_only=True) or unreadable "
+              f"({type(err).__name__}: {reason})", file=sys.stderr)
+        sys.exit(2)
+
+
 def resume_run_dir(argv: list[str]) -> list[str]:
     """``argv`` with ``hydra.run.dir`` set to the run that ``resume=RUN_DIR`` or ``resume=RUN_DIR/checkpoints/X.ckpt``
     names, so the run continues in its own folder (unless ``hydra.run.dir`` is given)."""
@@ -109,6 +122,7 @@ def train(cfg: DictConfig) -> dict:
     print(f"output folder: {output_dir}")
     ckpt_path = resume_checkpoint(cfg.get("resume"), output_dir)
     if ckpt_path:
+        check_checkpoint(ckpt_path)
         print(f"resuming from {ckpt_path}")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = _build("data", cfg.data)

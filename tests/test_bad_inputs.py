@@ -40,6 +40,7 @@ from tasks import SegmentationTask, load_predictor
 from tasks.export import export_checkpoint
 from tasks.outputs import OUTPUT_MARKER
 from tasks.predictor import ExportError
+from train import check_checkpoint
 
 
 def _seg_ckpt(path: Path, num_classes: int = 3) -> Path:
@@ -184,6 +185,9 @@ def test_malicious_pickle_as_weights_or_checkpoint_is_refused_without_running(tm
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
     assert predict_cli.main([f"ckpt={tmp_path / 'evil.ckpt'}", f"input={image}", f"output={tmp_path / 'out'}"]) == 2
     assert "evil.ckpt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # train.py resume=evil.ckpt
+        check_checkpoint(str(tmp_path / "evil.ckpt"))
+    assert exit_info.value.code == 2 and "cannot resume from" in capsys.readouterr().err
     assert not marker.exists()
 
 
