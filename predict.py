@@ -9,7 +9,9 @@ a picture into ``output`` (folder structure of ``input`` kept):
   and ``NAME_depth_color.png``
 - detection: ``NAME_boxes.json`` (COCO-style results, ``bbox`` as x, y, w, h) and ``NAME_boxes.png``
 
-A file that cannot be read is reported by name and skipped; the exit code is 1 if any failed.
+A file that cannot be read is reported by name and skipped; the exit code is 1 if any failed. ``output`` must
+be new, empty or an earlier ``predict.py`` output; ``overwrite=true`` writes into any folder (same-named files
+replaced, no other file touched).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ DEFAULTS = {
     "device": "cpu", "out_device": "cpu",                                # out_device=cpu: sums live in RAM
     "depth_format": "png", "score_threshold": 0.3, "alpha": 0.5, "images_per_step": 8,
     "backbone": None, "backbone_weights": None,     # only for Meta's released head files: the backbone they run on
+    "overwrite": False,                             # write into a non-empty folder predict.py did not write
 }
 REQUIRED = ("ckpt", "input", "output")
 
@@ -153,6 +156,7 @@ def main(argv: list[str]) -> int:
 
     from dense_data.io import read_rgb
     from tasks import load_predictor
+    from tasks.outputs import OutputFolderError, claim_output_folder
 
     try:
         files = list_images(Path(args["input"]))
@@ -161,6 +165,11 @@ def main(argv: list[str]) -> int:
         return 2
     if not files:
         print(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args['input']}", file=sys.stderr)
+        return 2
+    try:
+        out = claim_output_folder(args["output"], "predict", bool(args["overwrite"]))
+    except OutputFolderError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         predictor = load_predictor(args["ckpt"], device=args["device"], backbone=args["backbone"],
@@ -175,7 +184,6 @@ def main(argv: list[str]) -> int:
     if predictor.kind in ("segmentation", "depth"):
         options.update(out_device=args["out_device"], return_probs=False, small_image=args["small_image"],
                        activation=args["activation"])
-    out = Path(args["output"])
     stems = output_stems(files, Path(args["input"]))
     failed: dict[Path, str] = {}
     done = 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,6 +61,19 @@ class COCODetection:
         self.label_of = {cid: i for i, cid in enumerate(self.cat_ids)}
         self.image_ids: list[int] = sorted(self.coco.getImgIds())
         self.keep_crowd = keep_crowd
+        self._check_annotations()
+
+    def _check_annotations(self) -> None:
+        """Fail at start-up, naming the file, the annotation and the field, on a malformed box or category id."""
+        for ann in self.coco.dataset.get("annotations", []):
+            where = f"{self.ann_file}: annotation id {ann.get('id')} (image {ann.get('image_id')})"
+            box = ann.get("bbox")
+            if not (isinstance(box, (list, tuple)) and len(box) == 4
+                    and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+                raise ValueError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {box!r}")
+            if ann.get("category_id") not in self.label_of:
+                raise ValueError(f"{where}: 'category_id' {ann.get('category_id')!r} is not among the categories "
+                                 f"{self.cat_ids[:10]}{' ...' if len(self.cat_ids) > 10 else ''}")
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -1,8 +1,10 @@
 """One LightningDataModule for every task: a train and a val dataset, the task's targets, the pipelines."""
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .sampling import ResumableLoader, ResumableSampler
 from .transforms import Transformed, collate, eval_transform, train_transform
 
 
@@ -15,6 +17,8 @@ class DenseDataModule(L.LightningDataModule):
         num_classes: classes of the label space; ``class_names`` default to the dataset's or ``class_<i>``.
         crop_size, base_size, scale_range, flip, photometric, fixed_crop, rotate: the training pipeline (``train_transform``).
         eval_short_side, eval_center_crop: the evaluation pipeline (``eval_transform``).
+        seed: the training order and augmentations (``ResumableSampler``); None: ``torch.initial_seed()``, i.e.
+            train.py's ``seed``.
     """
 
     def __init__(self, train: Dataset, val: Dataset, targets: list[str], num_classes: int | None = None,
@@ -22,7 +26,7 @@ class DenseDataModule(L.LightningDataModule):
                  scale_range: list[float] = (0.5, 2.0), flip: bool = True, photometric: bool = True,
                  fixed_crop: list[int] | None = None, rotate: float = 0.0,
                  eval_short_side: int | None = None, eval_center_crop: int | None = None, batch_size: int = 8,
-                 val_batch_size: int | None = None, num_workers: int = 2):
+                 val_batch_size: int | None = None, num_workers: int = 2, seed: int | None = None):
         super().__init__()
         self.train_set, self.val_set = train, val
         self.targets = tuple(targets)
@@ -38,16 +42,22 @@ class DenseDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
+        self.seed = seed
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
-                          num_workers=self.num_workers, collate_fn=collate,
-                          persistent_workers=self.num_workers > 0, pin_memory=False)
+    def _options(self) -> dict:
+        # Own generators: creating the loaders' iterators leaves the global torch RNG (dropout, point sampling)
+        # untouched, so a resumed run draws the same numbers as an uninterrupted one.
+        return dict(num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0,
+                    pin_memory=False, generator=torch.Generator().manual_seed(0))
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled batches in an order (and with augmentations) a checkpoint resumes mid-epoch."""
         dataset = Transformed(self.train_set, self.train_pipeline, self.targets, resize_labels=True)
-        return self._loader(dataset, self.batch_size, train=True)
+        seed = torch.initial_seed() if self.seed is None else self.seed
+        sampler = ResumableSampler(dataset, seed=seed % 2**32)
+        return ResumableLoader(dataset, self.batch_size, sampler, drop_last=len(dataset) > self.batch_size,
+                               **self._options())
 
     def val_dataloader(self) -> DataLoader:
         dataset = Transformed(self.val_set, self.eval_pipeline, self.targets, resize_labels=False)
-        return self._loader(dataset, self.val_batch_size, train=False)
+        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, **self._options())

@@ -1,6 +1,7 @@
 """albumentations pipelines applied jointly to image, mask, depth and boxes, and the move to tensors."""
 
 import os
+import random
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -79,6 +80,8 @@ class Transformed(Dataset):
     In training every target goes through the joint pipeline. In evaluation (``resize_labels=False``) only
     the image is resized; masks and depth keep their file resolution and boxes their pixel coordinates, so
     metrics are computed at the original size. ``meta["image_size"]`` records the network input size.
+    An index may be ``(index, seed)`` (``dense_data.sampling.ResumableSampler``): the pipeline's random draws then
+    come from that seed alone, so a sample's augmentation does not depend on the worker or the order of loading.
     """
 
     def __init__(self, dataset: Dataset, transform: A.Compose, targets: tuple[str, ...], resize_labels: bool = True):
@@ -90,7 +93,10 @@ class Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        if isinstance(index, tuple):
+            index, seed = index
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         raw = self.dataset[index]
         missing = [t for t in self.targets if t not in raw and not (t == "boxes" and "labels" in raw)]
         if missing:

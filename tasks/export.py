@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .loading import load_predictor
+from .outputs import claim_output_folder, record_files, written_files
 from .predictor import BACKBONE_FILE, CONFIG_FILE, EXPORT_FORMAT, HEAD_FILE, DenseModel, Predictor
 
 ONNX_FILE = "model.onnx"
@@ -49,17 +50,24 @@ def _weights_source(weights):
     return weights
 
 
-def export_predictor(predictor: Predictor, out: str | Path) -> dict:
-    """Write ``head.safetensors``, maybe ``backbone.safetensors``, and ``config.yaml`` into ``out``; returns the config."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def export_predictor(predictor: Predictor, out: str | Path, overwrite: bool = False) -> dict:
+    """Write ``head.safetensors``, maybe ``backbone.safetensors``, and ``config.yaml`` into ``out``; returns the config.
+
+    ``out`` must be new, empty or an earlier export (``overwrite=True``: any folder; see ``tasks.outputs``). Files
+    of an earlier export that would no longer fit (its ``backbone.safetensors``, its ONNX model) are removed; no
+    other file is.
+    """
+    out = claim_output_folder(out, "export", overwrite)
+    earlier = written_files(out, "export")
+    for stale in earlier & {ONNX_FILE, f"{ONNX_FILE}.data"}:
+        (out / stale).unlink(missing_ok=True)
     cfg = predictor.config
     save_file(_tensors(predictor.model.head.state_dict()), str(out / HEAD_FILE), metadata={"format": "pt"})
     backbone_state, reason = backbone_tensors(predictor)
     if backbone_state:
         save_file(backbone_state, str(out / BACKBONE_FILE), metadata={"format": "pt"})
-    elif (out / BACKBONE_FILE).exists():
-        (out / BACKBONE_FILE).unlink()
+    elif BACKBONE_FILE in earlier:
+        (out / BACKBONE_FILE).unlink(missing_ok=True)
     config = {
         "format": EXPORT_FORMAT,
         "task": dict(cfg["task"]),
@@ -77,6 +85,7 @@ def export_predictor(predictor: Predictor, out: str | Path) -> dict:
             "# backbone: build_backbone(**backbone); head: instantiate(head) (in_channels/strides/num_classes included).\n"
             + yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
     (out / CONFIG_FILE).write_text(text)
+    record_files(out, "export", [HEAD_FILE, CONFIG_FILE, *([BACKBONE_FILE] if backbone_state else [])])
     return config
 
 
@@ -232,16 +241,17 @@ def export_onnx(predictor: Predictor, path: str | Path, example_size: tuple[int,
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, onnx: bool = False, verify: bool = True,
-                      backbone: str | None = None, backbone_weights: str | None = None) -> dict:
+                      backbone: str | None = None, backbone_weights: str | None = None, overwrite: bool = False) -> dict:
     """Export a ``train.py`` checkpoint (or a Meta head file on ``backbone``) to ``out``; returns
-    ``{"config", "verify_diff", "onnx_diff"}``."""
+    ``{"config", "verify_diff", "onnx_diff"}``. ``out``: see ``export_predictor``."""
     predictor = load_predictor(ckpt, backbone=backbone, backbone_weights=backbone_weights)
-    config = export_predictor(predictor, out)
+    config = export_predictor(predictor, out, overwrite)
     report = {"config": config, "verify_diff": None, "onnx_diff": None}
     if verify:
         report["verify_diff"] = verify_export(predictor, out)
     if onnx:
         try:
+            record_files(out, "export", [*written_files(out, "export"), ONNX_FILE, f"{ONNX_FILE}.data"])
             report["onnx_diff"] = export_onnx(predictor, Path(out) / ONNX_FILE)
         except RuntimeError:
             for stale in (Path(out) / ONNX_FILE, Path(out) / f"{ONNX_FILE}.data"):

@@ -15,6 +15,7 @@ from pathlib import Path, PosixPath, PurePosixPath, PureWindowsPath, WindowsPath
 
 import torch
 import yaml
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -220,7 +221,12 @@ def predictor_from_export(folder: str | Path, device="cpu") -> Predictor:
     head_classes = head_cfg.pop("num_classes", None)
     if num_classes is not None and head_classes is not None and int(head_classes) != int(num_classes):
         raise ExportError(f"{config_path}: 'head.num_classes' {head_classes} != 'num_classes' {num_classes}")
-    head = build_head(head_cfg, backbone.channels, backbone.strides, num_classes)
+    try:
+        head = build_head(head_cfg, backbone.channels, backbone.strides, num_classes)
+    except InstantiationException as err:
+        raise ExportError(f"{config_path}: cannot build 'head' {head_cfg.get('_target_')!r} from its arguments "
+                          f"(does 'head._target_' name the head that {head_file.name} was trained with?): "
+                          f"{err.__cause__ or err}") from err
     _load_head_tensors(head, _read_tensors(head_file), str(head_file))
     if backbone_file:
         path = folder / backbone_file

@@ -18,6 +18,7 @@ from backbones import build_backbone  # noqa: E402
 from heads import LinearSegHead  # noqa: E402
 from tasks import SegmentationTask, load_predictor  # noqa: E402
 from tasks.export import export_checkpoint  # noqa: E402
+from tasks.outputs import OUTPUT_MARKER  # noqa: E402
 from tasks.predictor import ExportError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_round_trip_random_init_backbone_is_exported(tmp_path):
     report = export_checkpoint(tmp_path / "a.ckpt", tmp_path / "export")
     assert report["verify_diff"] == 0.0
     folder = tmp_path / "export"
-    assert {p.name for p in folder.iterdir()} == {"config.yaml", "head.safetensors", "backbone.safetensors"}
+    assert {p.name for p in folder.iterdir()} == {"config.yaml", "head.safetensors", "backbone.safetensors", OUTPUT_MARKER}
     config = yaml.safe_load((folder / "config.yaml").read_text())
     assert config["task"]["kind"] == "segmentation" and config["head"]["_target_"] == "heads.LinearSegHead"
     assert config["backbone"]["out_indices"] == [0, 1, 2, 3] and config["backbone"]["freeze"] == "frozen"
