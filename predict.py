@@ -25,6 +25,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 DEFAULTS = {
     "ckpt": None, "input": None, "output": None,
     "mode": None, "crop": None, "stride": None, "batch_size": None,      # None: the checkpoint's eval settings
+    "stitch": None,                                                      # slide: full | native (None: checkpoint's)
     "tta_flip": None, "tta_scales": None,                 # None: the checkpoint's eval settings
     "device": "cpu", "out_device": "cpu",                                # out_device=cpu: sums live in RAM
     "depth_format": "png", "score_threshold": 0.3, "alpha": 0.5, "images_per_step": 8,
@@ -168,7 +169,8 @@ def main(argv: list[str]) -> int:
         return 2
     tta = None if args["tta_flip"] is None and args["tta_scales"] is None else {
         "flip": bool(args["tta_flip"]), "scales": args["tta_scales"] or [1.0]}
-    options = dict(mode=args["mode"], crop=args["crop"], stride=args["stride"], batch_size=args["batch_size"], tta=tta)
+    options = dict(mode=args["mode"], crop=args["crop"], stride=args["stride"], batch_size=args["batch_size"], tta=tta,
+                   stitch=args["stitch"])
     if predictor.kind in ("segmentation", "depth"):
         options.update(out_device=args["out_device"], return_probs=False)
     out = Path(args["output"])

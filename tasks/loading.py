@@ -150,7 +150,7 @@ def _with_defaults(fn, given: dict) -> dict:
 
 def _eval_settings(hparams: dict) -> dict:
     names = {"eval_mode": "mode", "eval_crop": "crop", "eval_stride": "stride", "eval_batch_size": "batch_size",
-             "eval_flip": "flip"}
+             "eval_flip": "flip", "eval_stitch": "stitch"}
     return {new: hparams[old] for old, new in names.items() if hparams.get(old) is not None}
 
 

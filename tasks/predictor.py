@@ -50,10 +50,24 @@ class DenseModel(nn.Module):
             raise ValueError(f"unknown task kind {kind!r}; valid: {', '.join(KINDS)}")
         self.backbone, self.head, self.kind = backbone, head, kind
 
-    def forward(self, images: torch.Tensor):
+    @property
+    def output_stride(self) -> int | None:
+        """Pixels per cell of the head's own dense output (``head.predict_native``); None if it has none."""
+        return getattr(self.head, "output_stride", None) if hasattr(self.head, "predict_native") else None
+
+    def forward(self, images: torch.Tensor, native: bool = False):
+        """``native=True`` (dense heads with ``predict_native``): the output on the head's own grid,
+        ``(B, C, ceil(H / s), ceil(W / s))`` with ``s = output_stride``, instead of upsampled to ``(H, W)``."""
         height, width = images.shape[-2:]
         features = self.backbone(images)  # pads bottom/right to the backbone stride
-        prediction = self.head.predict(self.head(features, features.padded_size), features.padded_size)
+        outputs = self.head(features, features.padded_size)
+        if native:
+            stride = self.output_stride
+            if stride is None:
+                raise ValueError(f"{type(self.head).__name__} has no native-resolution output (predict_native, "
+                                 "output_stride): use stitch='full'")
+            return self.head.predict_native(outputs)[..., :-(-height // stride), :-(-width // stride)]
+        prediction = self.head.predict(outputs, features.padded_size)
         if self.kind == "detection":
             limit = torch.tensor([width, height, width, height], dtype=torch.float32)
             return [dict(p, boxes=torch.minimum(p["boxes"].clamp(min=0), limit.to(p["boxes"].device)))
@@ -170,7 +184,7 @@ class Predictor:
         kind: ``segmentation`` | ``depth`` | ``detection`` | ``classification``.
         num_classes, class_names: the label space (None for depth).
         mean, std: input normalization.
-        eval: defaults of ``predict``: ``mode``, ``crop``, ``stride``, ``batch_size``.
+        eval: defaults of ``predict``: ``mode``, ``crop``, ``stride``, ``batch_size``, ``stitch``.
         score_type: segmentation scores are ``logits`` (softmax gives probabilities) or ``scores``
             (non-negative, e.g. Mask2Former; normalized to sum 1). Default: the head's ``score_type``
             attribute, else ``scores`` for Mask2Former heads and ``logits`` otherwise.
@@ -187,7 +201,8 @@ class Predictor:
         self.class_names = list(class_names) if class_names else (
             [f"class_{i}" for i in range(num_classes)] if num_classes else None)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.eval_settings = {"mode": "whole", "crop": 512, "stride": 341, "batch_size": 8, **(eval or {})}
+        self.eval_settings = {"mode": "whole", "crop": 512, "stride": 341, "batch_size": 8, "stitch": "full",
+                              **(eval or {})}
         head = getattr(model, "head", None)
         self.score_type = score_type or getattr(head, "score_type", None) or (
             "scores" if "Mask2Former" in type(head).__name__ else "logits")
@@ -218,11 +233,15 @@ class Predictor:
         with torch.inference_mode():
             return self.model(images.to(self.device, non_blocking=True))
 
+    def _run_native(self, images: torch.Tensor):
+        with torch.inference_mode():
+            return self.model(images.to(self.device, non_blocking=True), native=True)
+
     # ---------------------------------------------------------------------------------------------- API
     @torch.inference_mode()
     def predict(self, images, mode: str | None = None, crop: int | Sequence[int] | None = None,
                 stride: int | Sequence[int] | None = None, tta=None, batch_size: int | None = None,
-                out_device: str | torch.device | None = "cpu", return_probs: bool = True):
+                out_device: str | torch.device | None = "cpu", return_probs: bool = True, stitch: str | None = None):
         """Predict full-resolution results for one image or a list of images (sizes may differ).
 
         Args:
@@ -237,6 +256,10 @@ class Predictor:
             out_device: where window sums, TTA averages and results live (``"cpu"`` bounds accelerator
                 memory on very large images); ``None``: the model's device.
             return_probs: segmentation: keep the ``(K, H, W)`` probabilities (else only the label map).
+            stitch: ``slide`` mode: ``full`` (windows' outputs upsampled to the crop, averaged at the image's
+                resolution: mmseg / Meta) or ``native`` (averaged on the head's own coarser grid, e.g. 1/16 for a
+                linear head, 1/4 for Mask2Former, then upsampled once: faster, slightly different near window
+                edges). Default: the checkpoint's eval setting, else ``full``.
 
         Returns:
             One dict per image (a single dict for a single image), see the module docstring.
@@ -248,6 +271,9 @@ class Predictor:
         crop = crop or self.eval_settings["crop"]
         stride = stride or self.eval_settings["stride"]
         batch_size = int(batch_size or self.eval_settings["batch_size"])
+        stitch = stitch or self.eval_settings["stitch"]
+        if stitch not in ("full", "native"):
+            raise ValueError(f"stitch must be 'full' or 'native', got {stitch!r}")
         tta = TTA.make(bool(self.eval_settings.get("flip", False)) if tta is None else tta)
         tensors = [self.preprocess(item) for item in items]
         if self.kind == "detection":
@@ -255,17 +281,24 @@ class Predictor:
         elif self.kind == "classification":
             results = self._classify(tensors, tta)
         else:
-            results = self._dense(tensors, mode, crop, stride, tta, batch_size, out_device, return_probs)
+            results = self._dense(tensors, mode, crop, stride, tta, batch_size, out_device, return_probs, stitch)
         return results[0] if single else results
 
-    def _dense(self, tensors, mode, crop, stride, tta, batch_size, out_device, return_probs) -> list[dict]:
+    def _dense(self, tensors, mode, crop, stride, tta, batch_size, out_device, return_probs, stitch) -> list[dict]:
         views = tta.views()
         inputs = []
         for image in tensors:
             for scale, flip in views:
                 view = _resize(image, scaled_size(image.shape[-2:], scale))
                 inputs.append(view.flip(-1) if flip else view)
-        outputs = dense_inference(self._run, inputs, mode, crop, stride, batch_size, out_device)
+        fn, output_stride = self._run, 1
+        if mode == "slide" and stitch == "native":
+            output_stride = getattr(self.model, "output_stride", None)
+            if output_stride is None:
+                raise ValueError(f"stitch='native' needs a head with a native-resolution output; "
+                                 f"{type(getattr(self.model, 'head', self.model)).__name__} has none: use stitch='full'")
+            fn = self._run_native
+        outputs = dense_inference(fn, inputs, mode, crop, stride, batch_size, out_device, output_stride)
         results = []
         for index, image in enumerate(tensors):
             size = tuple(image.shape[-2:])

@@ -16,16 +16,24 @@ class SegmentationTask(DenseTask):
     Args:
         eval_mode: ``whole`` or ``slide`` (sliding window of ``eval_crop`` every ``eval_stride``).
         eval_batch_size: crops per forward in sliding-window validation.
+        eval_stitch: sliding-window stitching, ``full`` (windows upsampled, averaged at full resolution: Meta)
+            or ``native`` (averaged on the head's own grid, upsampled once; see ``tasks.inference``).
         num_vis: images in the validation picture (image | ground truth | prediction per row).
     """
 
     targets = ("mask",)
 
     def __init__(self, *args, eval_mode: str = "whole", eval_crop: int = 512, eval_stride: int = 341,
-                 eval_batch_size: int = 8, num_vis: int = 4, **kwargs):
+                 eval_batch_size: int = 8, eval_stitch: str = "full", num_vis: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
         if eval_mode not in ("whole", "slide"):
             raise ValueError(f"eval_mode must be 'whole' or 'slide', got {eval_mode!r}")
+        if eval_stitch not in ("full", "native"):
+            raise ValueError(f"eval_stitch must be 'full' or 'native', got {eval_stitch!r}")
+        if eval_stitch == "native" and not hasattr(self.head, "predict_native"):
+            raise ValueError(f"eval_stitch=native needs a head with a native-resolution output; "
+                             f"{type(self.head).__name__} has none")
+        self.eval_stitch = eval_stitch
         self.eval_mode, self.eval_crop, self.eval_stride = eval_mode, eval_crop, eval_stride
         self.eval_batch_size, self.num_vis = eval_batch_size, num_vis
         self.val_metrics = SegmentationMetrics(self.num_classes)
@@ -33,8 +41,18 @@ class SegmentationTask(DenseTask):
 
     def predict_scores(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Class scores ``(K, H_i, W_i)`` for each normalized ``(3, H_i, W_i)`` image."""
+        if self.eval_stitch == "native" and self.eval_mode == "slide":
+            return dense_inference(self.dense_native, images, "slide", self.eval_crop, self.eval_stride,
+                                   self.eval_batch_size, output_stride=self.head.output_stride)
         return dense_inference(self.dense, images, self.eval_mode, self.eval_crop, self.eval_stride,
                                self.eval_batch_size)
+
+    def dense_native(self, images: torch.Tensor) -> torch.Tensor:
+        """Class scores on the head's own grid, ``(B, K, ceil(H / s), ceil(W / s))`` with ``s = head.output_stride``."""
+        features = self.backbone(images)
+        scores = self.head.predict_native(self.head(features, features.padded_size))
+        stride = self.head.output_stride
+        return scores[..., :-(-images.shape[-2] // stride), :-(-images.shape[-1] // stride)]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = self.network_images(batch)
