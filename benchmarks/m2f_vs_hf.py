@@ -10,16 +10,17 @@ queries (100), layers (6 encoder, 9 decoder), heads, points (12544, oversample 3
 (2 / 5 / 5, no-object 0.1). Targets: ADE20K-like label maps, turned into per-class masks inside each step.
 
 A training step is forward + loss + backward + AdamW step; inference is forward + semantic scores at full
-resolution under ``torch.inference_mode``. Each head runs in its own child process so peak memory is its own:
-on CUDA ``torch.cuda.max_memory_allocated``, on CPU the peak resident set size above the process's size before
-the first step. The last line is ``m2f train steps/s ours vs hf: N.NNx``.
-``--quick``: 256 px, batch 1, one timed iteration (a CPU smoke run).
+resolution under ``torch.inference_mode``. Both heads live in one process and take turns, step by step; each
+figure is the fastest of ``--iters`` rounds after ``--warmup``, so load from other processes inflates neither
+side. Peak memory comes from one training step of each head in its own child process: on CUDA
+``torch.cuda.max_memory_allocated``, on CPU the peak resident set size above the size before the step.
+The last line is ``m2f train steps/s ours vs hf: N.NNx``.
+``--quick``: 256 px, batch 1, two rounds (a CPU smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -133,59 +134,80 @@ def _our_head(channels, num_classes: int, args):
     return OurHead()
 
 
-def _run(which: str, args, queue) -> None:
-    """Child process: build one head, time ``args.iters`` training steps and inferences, report via ``queue``."""
+class _Bench:
+    """One head with its inputs, optimizer, training step and inference."""
+
+    def __init__(self, which: str, args):
+        import torch
+
+        self.device = torch.device(args.device)
+        torch.manual_seed(0)
+        channels = [args.channels] * 4
+        grid = args.size // 16
+        self.maps = [torch.randn(args.batch, args.channels, grid, grid, device=self.device) for _ in range(4)]
+        self.mask = _label_maps(args.batch, args.size, 150, self.device)
+        self.head = (_our_head if which == "ours" else _hf_head)(channels, 150, args).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=1e-4)
+        self.size = (args.size, args.size)
+
+    def sync(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step(self):
+        self.head.train()
+        loss = self.head.loss(self.head(self.maps), self.mask)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sync()
+
+    def infer(self):
+        import torch
+
+        self.head.eval()
+        with torch.inference_mode():
+            self.head.predict(self.head(self.maps), self.size)
+        self.sync()
+
+
+def _peak_memory(which: str, args, queue) -> None:
+    """Child process: one head, one training step; its peak memory above the size before the step."""
     sys.path.insert(0, str(ROOT))
     import torch
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    channels = [args.channels] * 4
-    grid = args.size // 16
-    maps = [torch.randn(args.batch, args.channels, grid, grid, device=device) for _ in range(4)]
-    mask = _label_maps(args.batch, args.size, 150, device)
-    head = (_our_head if which == "ours" else _hf_head)(channels, 150, args).to(device).train()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-4)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def train_step():
-        loss = head.loss(head(maps), mask)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    def infer():
-        with torch.inference_mode():
-            return head.predict(head(maps), (args.size, args.size))
-
-    base = _peak_rss_bytes()
-    if device.type == "cuda":
+    bench = _Bench(which, args)
+    if bench.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    for _ in range(args.warmup):
-        train_step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.iters):
-        train_step()
-    sync()
-    train = (time.perf_counter() - start) / args.iters
-    train_peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()) - base
-    head.eval()
-    for _ in range(args.warmup):
-        infer()
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.iters):
-        infer()
-    sync()
-    queue.put(json.dumps({"train_s": train, "infer_s": (time.perf_counter() - start) / args.iters,
-                          "train_peak": train_peak, "params": sum(p.numel() for p in head.parameters())}))
+        bench.train_step()
+        queue.put(torch.cuda.max_memory_allocated() - base)
+    else:
+        base = _peak_rss_bytes()
+        bench.train_step()
+        queue.put(_peak_rss_bytes() - base)
+
+
+def _timings(args) -> dict[str, dict[str, float]]:
+    """Training-step and inference seconds of both heads, fastest of ``args.iters`` rounds in turns."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    benches = {which: _Bench(which, args) for which in ("ours", "hf")}
+    times = {which: {"train_s": [], "infer_s": []} for which in benches}
+    for round_ in range(args.warmup + args.iters):
+        for which, bench in benches.items():
+            for key, fn in (("train_s", bench.train_step), ("infer_s", bench.infer)):
+                start = time.perf_counter()
+                fn()
+                if round_ >= args.warmup:
+                    times[which][key].append(time.perf_counter() - start)
+    return {which: {key: min(values) for key, values in per.items()} | {
+        "params": sum(p.numel() for p in benches[which].head.parameters())} for which, per in times.items()}
 
 
 def main() -> None:
@@ -200,26 +222,28 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or
                         os.cpu_count(), help="torch CPU threads in each child process")
-    parser.add_argument("--quick", action="store_true", help="256 px, batch 1, one timed iteration")
+    parser.add_argument("--quick", action="store_true", help="256 px, batch 1, two rounds")
     args = parser.parse_args()
     if args.quick:
-        args.size, args.batch, args.iters = 256, 1, 1
+        args.size, args.batch, args.iters = 256, 1, 2
     print(f"device {args.device}, batch {args.batch}, {args.size} px (features {args.size // 16}^2 x "
           f"{args.channels}), hidden {args.hidden}, 100 queries, 6 + 9 layers, 12544 points, "
-          f"{args.iters} timed iterations after {args.warmup}")
+          f"fastest of {args.iters} rounds after {args.warmup}")
     context = mp.get_context("spawn")
-    results = {}
+    peaks = {}
     for which in ("ours", "hf"):
         queue = context.Queue()
-        process = context.Process(target=_run, args=(which, args, queue))
+        process = context.Process(target=_peak_memory, args=(which, args, queue))
         process.start()
-        results[which] = json.loads(queue.get())
+        peaks[which] = queue.get()
         process.join()
-        r = results[which]
-        memory = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS increase"
+    results = _timings(args)
+    memory = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS increase"
+    for which, r in results.items():
+        r["train_peak"] = peaks[which]
         print(f"{which:>4}: {r['params'] / 1e6:.2f}M params | train {1 / r['train_s']:.3f} steps/s "
               f"({r['train_s'] * 1000:.0f} ms) | inference {1 / r['infer_s']:.3f} batches/s "
-              f"({r['infer_s'] * 1000:.0f} ms) | {memory} in training {r['train_peak'] / 2**20:.0f} MiB")
+              f"({r['infer_s'] * 1000:.0f} ms) | {memory} in a training step {r['train_peak'] / 2**20:.0f} MiB")
     ours, hf = results["ours"], results["hf"]
     print(f"m2f inference ours vs hf: {hf['infer_s'] / ours['infer_s']:.2f}x")
     print(f"m2f train memory hf / ours: {hf['train_peak'] / max(ours['train_peak'], 1):.2f}x")

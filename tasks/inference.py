@@ -64,8 +64,8 @@ def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[i
         outputs = fn(crops)
         for (i, y, x), output in zip(chunk, outputs):
             if canvases[i] is None:
-                ys = sorted({y for j, y, _ in windows if j == i})
-                xs = sorted({x for j, _, x in windows if j == i})
+                ys = sorted({top for j, top, _ in windows if j == i})
+                xs = sorted({left for j, _, left in windows if j == i})
                 canvases[i] = WindowMean(tuple(padded[i].shape[-2:]), (crop_h, crop_w), ys, xs, output_stride)
             canvases[i].add(y, x, output.to(out_device or output.device))
     return [canvas.result()[:, :image.shape[-2], :image.shape[-1]] for canvas, image in zip(canvases, images)]
