@@ -51,7 +51,7 @@ for script in benchmarks/*.py; do
 done
 
 echo
-machine="$(nproc) CPU cores"
+machine="$(nproc --all) CPU cores"
 if [[ $device == cuda* ]] && command -v nvidia-smi >/dev/null; then
     machine="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1), $machine"
 fi
