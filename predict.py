@@ -27,6 +27,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 DEFAULTS = {
     "ckpt": None, "input": None, "output": None,
     "mode": None, "crop": None, "stride": None, "batch_size": None,      # None: the checkpoint's eval settings
+    "stitch": None,                                                      # slide: full | native (None: checkpoint's)
     "tta_flip": None, "tta_scales": None,                 # None: the checkpoint's eval settings
     "small_image": None, "activation": None,        # pad|shrink windows on small images; auto|softmax|normalize
     "eval": None,                                   # an evaluation preset (tasks/tta.py EVAL_PRESETS), e.g. meta_m2f
@@ -180,7 +181,7 @@ def main(argv: list[str]) -> int:
     tta = None if args["tta_flip"] is None and args["tta_scales"] is None else {
         "flip": bool(args["tta_flip"]), "scales": args["tta_scales"] or [1.0]}
     options = dict(mode=args["mode"], crop=args["crop"], stride=args["stride"], batch_size=args["batch_size"], tta=tta,
-                   preset=args["eval"])
+                   preset=args["eval"], stitch=args["stitch"])
     if predictor.kind in ("segmentation", "depth"):
         options.update(out_device=args["out_device"], return_probs=False, small_image=args["small_image"],
                        activation=args["activation"])

@@ -7,6 +7,9 @@ and prints seconds per image and the ratio head / backbone.
 
     python benchmarks/m2f_head.py --device cpu --iters 1 --backbones s
     python benchmarks/m2f_head.py --device cuda --iters 20 --amp
+    python benchmarks/m2f_head.py --quick      # CPU smoke run: ViT-S, batch 1, 256 px, one iteration
+
+The last line is the head / backbone time ratio of the last backbone listed.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def ade_like_masks(batch: int, size: int, num_classes: int, device: torch.device
     return mask.to(device)
 
 
-def bench(name: str, indices: list[int], args, device: torch.device) -> None:
+def bench(name: str, indices: list[int], args, device: torch.device) -> float:
     import timm
 
     backbone = timm.create_model(name, num_classes=0, pretrained=False).to(device).eval().requires_grad_(False)
@@ -97,6 +100,7 @@ def bench(name: str, indices: list[int], args, device: torch.device) -> None:
         f"M2F head (hidden {args.hidden}) {n_params / 1e6:.2f}M params fwd+bwd {t_head * per_img * 1e3:.1f} ms/img | "
         f"ratio head/backbone {t_head / t_backbone:.2f}"
     )
+    return t_head / t_backbone
 
 
 def main() -> None:
@@ -110,11 +114,15 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=150)
     parser.add_argument("--backbones", default="s,l", help="comma list of: " + ",".join(BACKBONES))
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for backbone and head")
+    parser.add_argument("--quick", action="store_true", help="ViT-S only, batch 1, 256 px, one iteration")
     args = parser.parse_args()
+    if args.quick:
+        args.backbones, args.batch, args.size, args.iters = "s", 1, 256, 1
     device = torch.device(args.device)
     print(f"device {device}, batch {args.batch}, {args.size}px, iters {args.iters}, amp {args.amp}")
     for key in args.backbones.split(","):
-        bench(*BACKBONES[key.strip()], args, device)
+        ratio = bench(*BACKBONES[key.strip()], args, device)
+    print(f"m2f head fwd+bwd / frozen {BACKBONES[key.strip()][0]} fwd: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ class LinearSegHead(nn.Module):
         dropout: ``Dropout2d`` rate before BatchNorm.
         loss, loss_weights, avg_non_ignore, loss_options: the per-pixel loss, see ``heads.seg_losses.SegLoss``
             (default: cross-entropy averaged over labelled pixels; Meta's recipe averages over all pixels).
+
+    ``output_stride``: the logits' grid is the first map's (``strides[0]``); ``predict_native`` gives them there.
     """
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int, dropout: float = 0.1,
@@ -72,6 +74,7 @@ class LinearSegHead(nn.Module):
         super().__init__()
         self.criterion = SegLoss(loss, loss_weights, avg_non_ignore=avg_non_ignore, loss_options=loss_options)
         channels = sum(in_channels)
+        self.output_stride = int(strides[0])
         self.dropout = nn.Dropout2d(dropout)
         self.batchnorm = nn.BatchNorm2d(channels)
         self.conv = nn.Conv2d(channels, num_classes, kernel_size=1)
@@ -92,3 +95,7 @@ class LinearSegHead(nn.Module):
     def predict(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Class logits ``(B, K, H, W)`` at ``image_size``."""
         return F.interpolate(outputs, image_size, mode="bilinear", align_corners=False)
+
+    def predict_native(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, K, h, w)`` on their own grid (``output_stride`` pixels per cell), not upsampled."""
+        return outputs

@@ -157,7 +157,7 @@ def _with_defaults(fn, given: dict) -> dict:
 def _eval_settings(hparams: dict) -> dict:
     names = {"eval_mode": "mode", "eval_crop": "crop", "eval_stride": "stride", "eval_batch_size": "batch_size",
              "eval_flip": "flip", "eval_small_image": "small_image", "eval_activation": "activation",
-             "eval_tta": "tta", "eval_preset": "preset"}
+             "eval_tta": "tta", "eval_preset": "preset", "eval_stitch": "stitch"}
     settings = {new: hparams[old] for old, new in names.items() if hparams.get(old) is not None}
     if settings.get("preset"):  # a preset replaces the task's own values of the keys it sets (as in validation)
         for key in preset_settings(settings["preset"]):

@@ -50,11 +50,25 @@ class DenseModel(nn.Module):
             raise ValueError(f"unknown task kind {kind!r}; valid: {', '.join(KINDS)}")
         self.backbone, self.head, self.kind = backbone, head, kind
 
-    def forward(self, images: torch.Tensor):
+    @property
+    def output_stride(self) -> int | None:
+        """Pixels per cell of the head's own dense output (``head.predict_native``); None if it has none."""
+        return getattr(self.head, "output_stride", None) if hasattr(self.head, "predict_native") else None
+
+    def forward(self, images: torch.Tensor, native: bool = False):
+        """``native=True`` (dense heads with ``predict_native``): the output on the head's own grid,
+        ``(B, C, ceil(H / s), ceil(W / s))`` with ``s = output_stride``, instead of upsampled to ``(H, W)``."""
         height, width = images.shape[-2:]
         images, (top, left) = pad_for_head(images, self.backbone.pad_to, self.head)
         features = self.backbone(images)  # pads bottom/right to the backbone stride
-        prediction = self.head.predict(self.head(features, features.padded_size), features.padded_size)
+        outputs = self.head(features, features.padded_size)
+        if native:
+            stride = self.output_stride
+            if stride is None:
+                raise ValueError(f"{type(self.head).__name__} has no native-resolution output (predict_native, "
+                                 "output_stride): use stitch='full'")
+            return self.head.predict_native(outputs)[..., :-(-height // stride), :-(-width // stride)]
+        prediction = self.head.predict(outputs, features.padded_size)
         if self.kind == "detection":
             limit = torch.tensor([width, height, width, height], dtype=torch.float32)
             return [dict(p, boxes=torch.minimum(p["boxes"].clamp(min=0), limit.to(p["boxes"].device)))
@@ -123,7 +137,7 @@ class Predictor:
         mean, std: input normalization.
         eval: defaults of ``predict``: ``mode``, ``crop``, ``stride``, ``batch_size``, ``small_image``
             (``pad`` | ``shrink``), ``activation`` (``auto`` | ``softmax`` | ``normalize``), ``tta`` (a dict of
-            ``TTA`` fields) or ``flip``; ``preset``: a name in ``tasks.tta.EVAL_PRESETS`` whose values come first.
+            ``TTA`` fields) or ``flip``, ``stitch`` (``full`` | ``native``); ``preset``: a name in ``tasks.tta.EVAL_PRESETS`` whose values come first.
         score_type: segmentation scores are ``logits`` (softmax gives probabilities) or ``scores``
             (non-negative, e.g. Mask2Former; normalized to sum 1). Default: the head's ``score_type``
             attribute, else ``scores`` for Mask2Former heads and ``logits`` otherwise.
@@ -143,7 +157,7 @@ class Predictor:
         eval = dict(eval or {})
         preset = preset_settings(eval["preset"]) if eval.get("preset") else {}
         self.eval_settings = {"mode": "whole", "crop": 512, "stride": 341, "batch_size": 8, "small_image": "pad",
-                              "activation": "auto", **preset, **eval}
+                              "activation": "auto", "stitch": "full", **preset, **eval}
         head = getattr(model, "head", None)
         self.score_type = score_type or getattr(head, "score_type", None) or (
             "scores" if "Mask2Former" in type(head).__name__ else "logits")
@@ -171,12 +185,17 @@ class Predictor:
         with torch.inference_mode():
             return self.model(images.to(self.device, non_blocking=True))
 
+    def _run_native(self, images: torch.Tensor):
+        with torch.inference_mode():
+            return self.model(images.to(self.device, non_blocking=True), native=True)
+
     # ---------------------------------------------------------------------------------------------- API
     @torch.inference_mode()
     def predict(self, images, mode: str | None = None, crop: int | Sequence[int] | None = None,
                 stride: int | Sequence[int] | None = None, tta=None, batch_size: int | None = None,
                 out_device: str | torch.device | None = "cpu", return_probs: bool = True,
-                small_image: str | None = None, activation: str | None = None, preset: str | None = None):
+                small_image: str | None = None, activation: str | None = None, preset: str | None = None,
+                stitch: str | None = None):
         """Predict full-resolution results for one image or a list of images (sizes may differ).
 
         Args:
@@ -198,6 +217,10 @@ class Predictor:
                 Mask2Former scores).
             preset: a name in ``tasks.tta.EVAL_PRESETS`` (e.g. ``meta_m2f``): its settings replace the
                 defaults; arguments given here still win.
+            stitch: ``slide`` mode: ``full`` (windows' outputs upsampled to the crop, averaged at the image's
+                resolution: mmseg / Meta) or ``native`` (averaged on the head's own coarser grid, e.g. 1/16 for a
+                linear head, 1/4 for Mask2Former, then upsampled once: faster, slightly different near window
+                edges). Default: the checkpoint's eval setting, else ``full``.
 
         Returns:
             One dict per image (a single dict for a single image), see the module docstring.
@@ -217,6 +240,9 @@ class Predictor:
         if tta is None:
             tta = settings["tta"] if settings.get("tta") is not None else bool(settings.get("flip", False))
         tta = TTA.make(tta)
+        stitch = stitch or settings["stitch"]
+        if stitch not in ("full", "native"):
+            raise ValueError(f"stitch must be 'full' or 'native', got {stitch!r}")
         tensors = [self.preprocess(item) for item in items]
         if self.kind == "detection":
             results = self._detect(tensors, mode, tta, batch_size)
@@ -224,13 +250,21 @@ class Predictor:
             results = self._classify(tensors, tta)
         else:
             results = self._dense(tensors, mode, crop, stride, tta, batch_size, out_device, return_probs,
-                                  small_image, activation)
+                                  small_image, activation, stitch)
         return results[0] if single else results
 
     def _dense(self, tensors, mode, crop, stride, tta, batch_size, out_device, return_probs, small_image,
-               activation) -> list[dict]:
+               activation, stitch) -> list[dict]:
         value = (lambda scores: self.to_probs(scores, activation)) if self.kind == "segmentation" else None
-        means = tta_inference(self._run, tensors, tta, mode, crop, stride, batch_size, out_device, small_image, value)
+        fn, output_stride = self._run, 1
+        if mode == "slide" and stitch == "native":
+            output_stride = getattr(self.model, "output_stride", None)
+            if output_stride is None:
+                raise ValueError(f"stitch='native' needs a head with a native-resolution output; "
+                                 f"{type(getattr(self.model, 'head', self.model)).__name__} has none: use stitch='full'")
+            fn = self._run_native
+        means = tta_inference(fn, tensors, tta, mode, crop, stride, batch_size, out_device, small_image, value,
+                              output_stride=output_stride)
         results = []
         for mean in means:
             if self.kind == "segmentation":

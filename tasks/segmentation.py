@@ -23,6 +23,8 @@ class SegmentationTask(DenseTask):
         eval_activation: scores -> probabilities of each TTA view before averaging (``auto`` | ``softmax`` |
             ``normalize``, see ``tasks.tta.to_probs``).
         eval_preset: a name in ``tasks.tta.EVAL_PRESETS`` (e.g. ``meta_m2f``): its values replace the eval_* ones.
+        eval_stitch: sliding-window stitching, ``full`` (windows upsampled, averaged at full resolution: Meta)
+            or ``native`` (averaged on the head's own grid, upsampled once; see ``tasks.inference``).
         num_vis: images in the validation picture (image | ground truth | prediction per row).
     """
 
@@ -30,7 +32,8 @@ class SegmentationTask(DenseTask):
 
     def __init__(self, *args, eval_mode: str = "whole", eval_crop: int = 512, eval_stride: int = 341,
                  eval_batch_size: int = 8, eval_small_image: str = "pad", eval_tta: dict | None = None,
-                 eval_activation: str = "auto", eval_preset: str | None = None, num_vis: int = 4, **kwargs):
+                 eval_activation: str = "auto", eval_preset: str | None = None,
+                 eval_stitch: str = "full", num_vis: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
         preset = eval_preset and preset_settings(eval_preset)
         if preset:
@@ -42,6 +45,12 @@ class SegmentationTask(DenseTask):
             raise ValueError(f"eval_small_image must be one of {', '.join(SMALL_IMAGE)}, got {eval_small_image!r}")
         if eval_activation not in ACTIVATIONS:
             raise ValueError(f"eval_activation must be one of {', '.join(ACTIVATIONS)}, got {eval_activation!r}")
+        if eval_stitch not in ("full", "native"):
+            raise ValueError(f"eval_stitch must be 'full' or 'native', got {eval_stitch!r}")
+        if eval_stitch == "native" and not hasattr(self.head, "predict_native"):
+            raise ValueError(f"eval_stitch=native needs a head with a native-resolution output; "
+                             f"{type(self.head).__name__} has none")
+        self.eval_stitch = eval_stitch
         self.eval_mode, self.eval_crop, self.eval_stride = eval_mode, eval_crop, eval_stride
         self.eval_small_image, self.eval_activation = eval_small_image, eval_activation
         self.eval_tta = TTA.make(dict(eval_tta) if eval_tta else None)
@@ -59,8 +68,17 @@ class SegmentationTask(DenseTask):
             "scores" if "Mask2Former" in type(self.head).__name__ else "logits")
         value = None if self.eval_tta.is_identity else (
             lambda scores: to_probs(scores, score_type, self.eval_activation))
-        return tta_inference(self.dense, images, self.eval_tta, self.eval_mode, self.eval_crop, self.eval_stride,
-                             self.eval_batch_size, small_image=self.eval_small_image, value=value, out_sizes=sizes)
+        native = self.eval_stitch == "native" and self.eval_mode == "slide"
+        return tta_inference(self.dense_native if native else self.dense, images, self.eval_tta, self.eval_mode,
+                             self.eval_crop, self.eval_stride, self.eval_batch_size, small_image=self.eval_small_image,
+                             value=value, out_sizes=sizes, output_stride=self.head.output_stride if native else 1)
+
+    def dense_native(self, images: torch.Tensor) -> torch.Tensor:
+        """Class scores on the head's own grid, ``(B, K, ceil(H / s), ceil(W / s))`` with ``s = head.output_stride``."""
+        features = self.backbone(images)
+        scores = self.head.predict_native(self.head(features, features.padded_size))
+        stride = self.head.output_stride
+        return scores[..., :-(-images.shape[-2] // stride), :-(-images.shape[-1] // stride)]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = self.network_images(batch)

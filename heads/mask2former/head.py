@@ -59,6 +59,8 @@ class Mask2FormerHead(nn.Module):
     "aux_outputs": [{"pred_logits", "pred_masks"}] * dec_layers}``.
     """
 
+    output_stride = 4  # mask logits live at 1/4 of the input
+
     def __init__(
         self,
         in_channels: Sequence[int],
@@ -170,3 +172,9 @@ class Mask2FormerHead(nn.Module):
         probs = outputs["pred_logits"].float().softmax(-1)[..., :-1]
         masks = F.interpolate(outputs["pred_masks"].float(), size=tuple(image_size), mode="bilinear", align_corners=False)
         return torch.einsum("bqk,bqhw->bkhw", probs, masks.sigmoid())
+
+    def predict_native(self, outputs: dict) -> Tensor:
+        """Per-class scores ``(B, K, ceil(H/4), ceil(W/4))`` on the mask grid: like ``predict`` but the sigmoid is
+        taken before upsampling, so scores upsampled from here differ slightly from ``predict``'s."""
+        probs = outputs["pred_logits"].float().softmax(-1)[..., :-1]
+        return torch.einsum("bqk,bqhw->bkhw", probs, outputs["pred_masks"].float().sigmoid())

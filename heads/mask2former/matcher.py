@@ -35,27 +35,28 @@ def sample_targets(masks: Tensor, valid: Tensor | None, coords: Tensor) -> tuple
         renormalised over the labelled neighbours only (``label / weight``). The image border
         counts as valid (``padding_mode="border"``), so with no ignored pixel every weight is 1.
     """
-    n = masks.shape[0]
-    coords_t = coords.expand(n, -1, -1) if coords.shape[0] != n else coords
-    labels = point_sample(masks[:, None].float(), coords_t).squeeze(1)
+    def sample(maps: Tensor, **kwargs) -> Tensor:  # (n, H, W) -> (n, P)
+        if coords.shape[0] == 1:  # shared points: the maps are channels of one image (one grid for all)
+            return point_sample(maps[None].float(), coords, **kwargs)[0]
+        return point_sample(maps[:, None].float(), coords.expand(maps.shape[0], -1, -1), **kwargs).squeeze(1)
+
+    labels = sample(masks)
     if valid is None:
         return labels, None
-    v = valid.float()[:, None]
-    coords_v = coords.expand(v.shape[0], -1, -1) if coords.shape[0] != v.shape[0] else coords
-    weights = point_sample(v, coords_v, padding_mode="border").squeeze(1).expand_as(labels)
+    weights = sample(valid, padding_mode="border").expand_as(labels)
     labels = torch.where(weights > 0, labels / weights.clamp(min=1e-6), torch.zeros_like(labels)).clamp(0.0, 1.0)
     return labels, weights
 
 
 def pairwise_sigmoid_ce(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Mean-over-points BCE of every (query, target) pair: ``(Q, P)``, ``(N, P)``, weights ``(P,)`` -> ``(Q, N)``."""
-    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-    if weights is None:
-        norm = logits.shape[1]
-        return (pos / norm) @ labels.T + (neg / norm) @ (1 - labels).T
-    w = weights / weights.sum().clamp(min=1e-6)
-    return (pos * w) @ labels.T + (neg * w) @ (1 - labels).T
+    """Mean-over-points BCE of every (query, target) pair: ``(Q, P)``, ``(N, P)``, weights ``(P,)`` -> ``(Q, N)``.
+
+    ``BCE(x, t) = t softplus(-x) + (1 - t) softplus(x) = softplus(x) - t x``, so one softplus and one product
+    with the labels give every pair.
+    """
+    w = (torch.full_like(logits[0], 1.0 / logits.shape[1]) if weights is None
+         else weights / weights.sum().clamp(min=1e-6))
+    return (F.softplus(logits) @ w)[:, None] - (logits * w) @ labels.T
 
 
 def pairwise_dice(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -105,11 +106,11 @@ class HungarianMatcher(nn.Module):
             cost_class = -probs[:, labels]  # (Q, N)
             coords = torch.rand(1, self.num_points, 2, device=pred_masks.device)
             valid = tgt.get("valid")
+            # the same points for every query and target: sample them as channels of one image
             t_points, w_points = sample_targets(tgt["masks"], None if valid is None else valid[None], coords)
             if w_points is not None:
                 w_points = w_points[0]  # the same weights for every target of the image: (P,)
-            queries = pred_masks[b].float()
-            p_points = point_sample(queries[:, None], coords.expand(queries.shape[0], -1, -1)).squeeze(1)
+            p_points = point_sample(pred_masks[b][None].float(), coords)[0]  # (Q, P)
             cost_mask = pairwise_sigmoid_ce(p_points, t_points, w_points)
             cost_dice = pairwise_dice(p_points, t_points, w_points)
             cost = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice

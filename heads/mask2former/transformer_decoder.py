@@ -123,11 +123,15 @@ class MaskedTransformerDecoder(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim or hidden_dim, 3)
 
-    def prediction_heads(self, queries: Tensor, mask_features: Tensor, attn_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
-        """``queries`` ``(B, Q, D)`` -> logits ``(B, Q, K+1)``, masks ``(B, Q, H4, W4)``, attention mask ``(B*M, Q, h*w)`` bool."""
+    def prediction_heads(self, queries: Tensor, mask_features: Tensor,
+                         attn_size: tuple[int, int] | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``queries`` ``(B, Q, D)`` -> logits ``(B, Q, K+1)``, masks ``(B, Q, H4, W4)``, attention mask ``(B*M, Q, h*w)`` bool
+        (None when ``attn_size`` is None: after the last layer)."""
         x = self.decoder_norm(queries)
         logits = self.class_embed(x)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(x), mask_features)
+        if attn_size is None:
+            return logits, masks, None
         with torch.no_grad():
             small = F.interpolate(masks.detach(), size=attn_size, mode="bilinear", align_corners=False)
             blocked = small.flatten(2).sigmoid() < 0.5  # (B, Q, h*w), True = may not attend
@@ -156,7 +160,9 @@ class MaskedTransformerDecoder(nn.Module):
             queries = self.cross_attention_layers[i](queries, memories[lvl], attn_mask, positions[lvl], query_pos)
             queries = self.self_attention_layers[i](queries, query_pos)
             queries = self.ffn_layers[i](queries)
-            logits, masks, attn_mask = self.prediction_heads(queries, mask_features, sizes[(i + 1) % self.num_feature_levels])
+            last = i == self.num_layers - 1
+            logits, masks, attn_mask = self.prediction_heads(
+                queries, mask_features, None if last else sizes[(i + 1) % self.num_feature_levels])
             predictions.append({"pred_logits": logits, "pred_masks": masks})
         out = dict(predictions[-1])
         out["aux_outputs"] = predictions[:-1]
