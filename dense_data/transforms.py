@@ -23,6 +23,17 @@ def _compose(steps: list, targets: tuple[str, ...]) -> A.Compose:
     return A.Compose(steps, bbox_params=bbox, additional_targets={"depth": "mask"} if "depth" in targets else None)
 
 
+def _frame_crop(box: tuple[int, int, int, int], frame: tuple[int, int] = (640, 480)) -> A.Lambda:
+    """Cut ``box`` (x1, y1, x2, y2 in a ``frame`` of (width, height)) scaled to the image's size, flooring each bound."""
+    def crop(array: np.ndarray, **_) -> np.ndarray:
+        height, width = array.shape[:2]
+        x1, x2 = (int(x * width / frame[0]) for x in (box[0], box[2]))
+        y1, y2 = (int(y * height / frame[1]) for y in (box[1], box[3]))
+        return array[y1:y2, x1:x2]
+
+    return A.Lambda(image=crop, mask=crop, name="frame_crop")
+
+
 def train_transform(targets: tuple[str, ...], crop_size: int | tuple[int, int] = 512, base_size: int | None = None,
                     scale_range: tuple[float, float] = (0.5, 2.0), flip: bool = True,
                     photometric: bool = True, fixed_crop: tuple[int, int, int, int] | None = None,
@@ -30,8 +41,8 @@ def train_transform(targets: tuple[str, ...], crop_size: int | tuple[int, int] =
     """[Fixed crop,] random short-side resize to ``base_size x [scale_range]``, [rotation,] pad, random crop, flip,
     colour jitter.
 
-    ``fixed_crop``: an ``(x1, y1, x2, y2)`` box in pixels cut from every image first (Meta's NYU training crop,
-    ``(43, 45, 608, 472)`` of the 640x480 frames). ``rotate``: with probability 0.5, a rotation by a uniform angle in
+    ``fixed_crop``: an ``(x1, y1, x2, y2)`` box in pixels of a 640x480 frame, scaled to each image's size (as Meta
+    does) and cut from it first (Meta's NYU training crop: ``(43, 45, 608, 472)``). ``rotate``: with probability 0.5, a rotation by a uniform angle in
     ``[-rotate, rotate]`` degrees (Meta's NYU recipe: 2.5), labels resampled nearest. Padding and the corners the
     rotation uncovers fill the image with 0 and the label with 255 (ignore) for masks, 0 (invalid) for depth.
     """
@@ -39,7 +50,7 @@ def train_transform(targets: tuple[str, ...], crop_size: int | tuple[int, int] =
     base = base_size or min(crop_h, crop_w)
     sizes = sorted({max(8, int(round(base * s))) for s in np.linspace(scale_range[0], scale_range[1], 16)})
     fill_label = IGNORE_INDEX if "mask" in targets else 0
-    steps = [A.Crop(*fixed_crop)] if fixed_crop else []
+    steps = [_frame_crop(fixed_crop)] if fixed_crop else []
     steps.append(A.SmallestMaxSize(max_size=sizes))
     if rotate:
         steps.append(A.Rotate(limit=(-rotate, rotate), interpolation=cv2.INTER_LINEAR,

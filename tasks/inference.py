@@ -29,6 +29,11 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, length - crop) for i in range(count)]
 
 
+def _leaves_gaps(length: int, crop: int, stride: int) -> bool:
+    starts = window_starts(length, crop, stride)
+    return any(b - a > crop for a, b in zip(starts, starts[1:]))
+
+
 SMALL_IMAGE = ("pad", "shrink")
 
 
@@ -57,7 +62,8 @@ def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[i
     Args:
         images: ``(3, H_i, W_i)`` tensors, sizes may differ. An image smaller than the crop is padded
             bottom/right with zeros up to the crop and the padding is cut from its output.
-        crop, stride: window size and step, an int or ``(h, w)``; ``stride <= crop``.
+        crop, stride: window size and step, an int or ``(h, w)``; a stride longer than the crop is refused where it
+            would leave pixels that no window covers (two windows, the last shifted back to the end, leave none).
         batch_size: crops per call of ``fn``.
         out_device: where the sums live (``"cpu"`` keeps accelerator memory bounded on huge images);
             default: the device of ``fn``'s outputs.
@@ -72,8 +78,11 @@ def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[i
     """
     crop_h, crop_w = (crop, crop) if isinstance(crop, int) else tuple(crop)
     stride_h, stride_w = (stride, stride) if isinstance(stride, int) else tuple(stride)
-    if stride_h > crop_h or stride_w > crop_w:
-        raise ValueError(f"slide stride {(stride_h, stride_w)} exceeds the crop {(crop_h, crop_w)}: windows would leave gaps")
+    gaps = [tuple(image.shape[-2:]) for image in images
+            if _leaves_gaps(image.shape[-2], crop_h, stride_h) or _leaves_gaps(image.shape[-1], crop_w, stride_w)]
+    if gaps:
+        raise ValueError(f"slide stride {(stride_h, stride_w)} exceeds the crop {(crop_h, crop_w)}: windows would leave "
+                         f"gaps in images of size {gaps[0]}")
     padded, windows = [], []
     for index, image in enumerate(images):
         height, width = image.shape[-2:]

@@ -122,7 +122,7 @@ def test_fixed_crop_and_rotation_keep_depth_aligned_and_fill_invalid():
     depth = np.full((48, 64), 2.0, np.float32)
     depth[10:20, 5:30] = 7.0
     pipeline = train_transform(("depth",), crop_size=(32, 48), base_size=38, scale_range=(1.0, 1.0), flip=False,
-                               photometric=False, fixed_crop=(4, 6, 60, 44), rotate=30.0)
+                               photometric=False, fixed_crop=(40, 60, 600, 440), rotate=30.0)
     rotated = 0
     for seed in range(8):
         np.random.seed(seed)
@@ -135,7 +135,7 @@ def test_fixed_crop_and_rotation_keep_depth_aligned_and_fill_invalid():
         assert (grey[bright] > 100).float().mean() > 0.9
     assert 0 < rotated < 8  # rotation with probability 0.5 uncovers corners (depth 0 = invalid)
     plain = train_transform(("depth",), crop_size=(38, 56), base_size=38, scale_range=(1.0, 1.0), flip=False,
-                            photometric=False, fixed_crop=(4, 6, 60, 44))
+                            photometric=False, fixed_crop=(40, 60, 600, 440))  # (4, 6, 60, 44) of 64x48
     out = Transformed([{"image": image, "depth": depth}], plain, ("depth",))[0]
     assert tuple(out["depth"].shape) == (38, 56) and torch.equal(out["depth"][4:14, 1:26],
                                                                   torch.full((10, 25), 7.0))

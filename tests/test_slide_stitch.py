@@ -174,3 +174,11 @@ def test_segmentation_task_native_validation():
     with pytest.raises(ValueError, match="eval_stitch"):
         SegmentationTask(backbone={"name": "vit_test", "weights": None}, head={"_target_": "heads.LinearSegHead"},
                          num_classes=4, eval_stitch="coarse")
+
+
+def test_stride_longer_than_the_crop_is_refused_only_where_it_leaves_gaps():
+    fn = lambda x: x[:, :1]  # noqa: E731
+    two = torch.rand(3, 16, 30)  # windows at 0 and 14 (the last shifted back): no gap
+    assert slide_inference(fn, [two], crop=16, stride=40)[0].shape == (1, 16, 30)
+    with pytest.raises(ValueError, match=r"gaps in images of size \(16, 100\)"):
+        slide_inference(fn, [torch.rand(3, 16, 100)], crop=16, stride=40)
