@@ -3,6 +3,7 @@
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from .feature_cache import cached_training_set, collate_cached
 from .transforms import Transformed, collate, eval_transform, train_transform
 
 
@@ -15,13 +16,15 @@ class DenseDataModule(L.LightningDataModule):
         num_classes: classes of the label space; ``class_names`` default to the dataset's or ``class_<i>``.
         crop_size, base_size, scale_range, flip, photometric: the training pipeline (``train_transform``).
         eval_short_side, eval_center_crop: the evaluation pipeline (``eval_transform``).
+        cache: ``data.cache`` (``conf/cache/features.yaml``): with ``enabled``, the training set is read from the
+            frozen-feature cache (``dense_data.feature_cache``), prepared with the trainer's backbone.
     """
 
     def __init__(self, train: Dataset, val: Dataset, targets: list[str], num_classes: int | None = None,
                  class_names: list[str] | None = None, crop_size: int | list[int] = 512, base_size: int | None = None,
                  scale_range: list[float] = (0.5, 2.0), flip: bool = True, photometric: bool = True,
                  eval_short_side: int | None = None, eval_center_crop: int | None = None, batch_size: int = 8,
-                 val_batch_size: int | None = None, num_workers: int = 2):
+                 val_batch_size: int | None = None, num_workers: int = 2, cache: dict | None = None):
         super().__init__()
         self.train_set, self.val_set = train, val
         self.targets = tuple(targets)
@@ -36,13 +39,16 @@ class DenseDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
+        self.cache = dict(cache) if cache and cache.get("enabled") else None
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool, collate_fn=collate) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
-                          num_workers=self.num_workers, collate_fn=collate,
+                          num_workers=self.num_workers, collate_fn=collate_fn,
                           persistent_workers=self.num_workers > 0, pin_memory=False)
 
     def train_dataloader(self) -> DataLoader:
+        if self.cache is not None:
+            return self._loader(cached_training_set(self, self.trainer), self.batch_size, True, collate_cached)
         dataset = Transformed(self.train_set, self.train_pipeline, self.targets, resize_labels=True)
         return self._loader(dataset, self.batch_size, train=True)
 

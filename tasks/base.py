@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from backbones import build_backbone
+from backbones.features import Features
 
 from .optim import build_optimizer
 
@@ -83,17 +84,27 @@ class DenseTask(L.LightningModule):
             targets["labels"] = batch["labels"]
         return targets
 
+    def training_features(self, batch: dict) -> Features:
+        """The backbone features of a training batch: read from the frozen-feature cache when the batch carries
+        them (``dense_data.feature_cache``), else computed from its images."""
+        cached = batch.get("features")
+        if cached is None:
+            return self.backbone(self.pad_to_stride(batch["image"]))
+        return Features(maps=cached["maps"], cls=cached.get("cls"), strides=self.backbone.strides,
+                        channels=self.backbone.channels, patch_size=self.backbone.patch_size,
+                        padded_size=tuple(batch["meta"][0]["padded_size"]))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        images = self.pad_to_stride(batch["image"])
-        outputs = self(images)
-        losses = self.head.loss(outputs, self.batch_targets(batch, tuple(images.shape[-2:])))
+        features = self.training_features(batch)
+        outputs = self.head(features, features.padded_size)
+        losses = self.head.loss(outputs, self.batch_targets(batch, features.padded_size))
         total = sum(losses.values())
         if not torch.isfinite(total):
             bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v)}
             files = [m.get("file") for m in batch.get("meta", [])]
             raise FloatingPointError(f"non-finite loss at step {self.global_step}: {bad}; batch files: {files}. "
                                      "Lower optim.lr, check the labels, or use trainer.gradient_clip_val.")
-        batch_size = images.shape[0]
+        batch_size = len(batch["meta"])
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
