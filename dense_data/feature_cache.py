@@ -90,8 +90,8 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 
 def cache_key(backbone_name: str, backbone: nn.Module, pipeline: A.BaseCompose, dataset: Dataset,
               targets: Sequence[str], views: int, seed: int, dtype: str, pool: bool) -> dict:
-    """Everything the cached values depend on; its hash names the cache folder."""
-    return {
+    """Everything the cached values depend on (as JSON reads it back); its hash names the cache folder."""
+    key = {
         "format": FORMAT_VERSION,
         "backbone": backbone_name,
         "weights": weights_fingerprint(backbone),
@@ -104,6 +104,7 @@ def cache_key(backbone_name: str, backbone: nn.Module, pipeline: A.BaseCompose, 
         "dtype": dtype,
         "pool": pool,
     }
+    return json.loads(json.dumps(key, sort_keys=True))
 
 
 def key_hash(key: dict) -> str:
@@ -413,11 +414,13 @@ class FeatureCache:
         """
         device = torch.device(device)
         rank, world = _rank_world()
-        fields = self._layout(device, autocast)
-        num_shards = self._agree_on_layout(fields, world, rank)
-        shards = self._shards(fields, num_shards)
-        for j in range(rank, num_shards, world):
-            self._fill(shards[j], j, num_shards, device, batch_size, num_workers, verify, autocast)
+        # Whether records had to be computed or not, training draws the same random numbers afterwards.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            fields = self._layout(device, autocast)
+            num_shards = self._agree_on_layout(fields, world, rank)
+            shards = self._shards(fields, num_shards)
+            for j in range(rank, num_shards, world):
+                self._fill(shards[j], j, num_shards, device, batch_size, num_workers, verify, autocast)
         _barrier()
         return CachedFeatures(self.folder, shards, len(self.source), self.views, self.dtype, self.pool)
 

@@ -36,15 +36,19 @@ class DenseTask(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.backbone = build_backbone(**backbone)
-        extra = {"num_classes": num_classes} if num_classes is not None else {}
-        self.head = instantiate(dict(head), in_channels=list(self.backbone.channels),
-                                strides=list(self.backbone.strides), **extra)
+        self.head = self.build_head(head, num_classes)
         self.optim = dict(optim or {})
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else None
         self.vis_dir = Path(vis_dir) if vis_dir else None
 
     # ----------------------------------------------------------------- model
+    def build_head(self, head: dict, num_classes: int | None) -> torch.nn.Module:
+        """The head from its config, ``in_channels`` / ``strides`` from the backbone (a sweep builds several)."""
+        extra = {"num_classes": num_classes} if num_classes is not None else {}
+        return instantiate(dict(head), in_channels=list(self.backbone.channels), strides=list(self.backbone.strides),
+                           **extra)
+
     def pad_to_stride(self, images: torch.Tensor) -> torch.Tensor:
         """Pad ``(B, 3, H, W)`` bottom/right with zeros to a multiple of the backbone stride."""
         multiple = self.backbone.pad_to
