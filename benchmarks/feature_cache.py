@@ -91,10 +91,10 @@ def compare(kind: str, args, scenes: Scenes, root: Path, device: torch.device) -
                         num_workers=args.workers)
     epoch(task, cached, device)
     cached_s = min(epoch(task, cached, device) for _ in range(args.repeats))
-    size = sum(s.path.stat().st_size for s in cached_set.shards) / len(cached_set) / 2 ** 20
+    size = sum(s.path.stat().st_size for s in cached_set.shards) / len(cached_set) / 2 ** 10
     per = 1000 / len(scenes)
     print(f"{kind:>3}: plain epoch {plain_s * per:7.1f} ms/img | building the cache {build_s * per:7.1f} ms/img | "
-          f"cached epoch {cached_s * per:6.1f} ms/img | {size:.2f} MiB/img on disk | speedup {plain_s / cached_s:.1f}x")
+          f"cached epoch {cached_s * per:6.1f} ms/img | {size:.0f} KiB/img on disk | speedup {plain_s / cached_s:.1f}x")
     return plain_s / cached_s
 
 
