@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .sampling import ResumableLoader, ResumableSampler
+from .feature_cache import cached_training_set, collate_cached
 from .transforms import Transformed, collate, eval_transform, train_transform
 
 
@@ -19,6 +20,8 @@ class DenseDataModule(L.LightningDataModule):
         eval_short_side, eval_center_crop: the evaluation pipeline (``eval_transform``).
         seed: the training order and augmentations (``ResumableSampler``); None: ``torch.initial_seed()``, i.e.
             train.py's ``seed``.
+        cache: ``data.cache`` (``conf/cache/features.yaml``): with ``enabled``, the training set is read from the
+            frozen-feature cache (``dense_data.feature_cache``), prepared with the trainer's backbone.
     """
 
     def __init__(self, train: Dataset, val: Dataset, targets: list[str], num_classes: int | None = None,
@@ -26,7 +29,8 @@ class DenseDataModule(L.LightningDataModule):
                  scale_range: list[float] = (0.5, 2.0), flip: bool = True, photometric: bool = True,
                  fixed_crop: list[int] | None = None, rotate: float = 0.0,
                  eval_short_side: int | None = None, eval_center_crop: int | None = None, batch_size: int = 8,
-                 val_batch_size: int | None = None, num_workers: int = 2, seed: int | None = None):
+                 val_batch_size: int | None = None, num_workers: int = 2, seed: int | None = None,
+                 cache: dict | None = None):
         super().__init__()
         self.train_set, self.val_set = train, val
         self.targets = tuple(targets)
@@ -43,20 +47,25 @@ class DenseDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.cache = dict(cache) if cache and cache.get("enabled") else None
 
-    def _options(self) -> dict:
+    def _options(self, collate_fn=collate) -> dict:
         # Own generators: creating the loaders' iterators leaves the global torch RNG (dropout, point sampling)
         # untouched, so a resumed run draws the same numbers as an uninterrupted one.
-        return dict(num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0,
+        return dict(num_workers=self.num_workers, collate_fn=collate_fn, persistent_workers=self.num_workers > 0,
                     pin_memory=False, generator=torch.Generator().manual_seed(0))
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled batches in an order (and with augmentations) a checkpoint resumes mid-epoch."""
+        """Shuffled batches in an order (and with augmentations) a checkpoint resumes mid-epoch; with ``cache``,
+        the frozen features of the cache's fixed views instead of images."""
+        seed = (torch.initial_seed() if self.seed is None else self.seed) % 2**32
+        if self.cache is not None:
+            dataset = cached_training_set(self, self.trainer)
+            return ResumableLoader(dataset, self.batch_size, ResumableSampler(dataset, seed=seed),
+                                   drop_last=len(dataset) > self.batch_size, **self._options(collate_cached))
         dataset = Transformed(self.train_set, self.train_pipeline, self.targets, resize_labels=True)
-        seed = torch.initial_seed() if self.seed is None else self.seed
-        sampler = ResumableSampler(dataset, seed=seed % 2**32)
-        return ResumableLoader(dataset, self.batch_size, sampler, drop_last=len(dataset) > self.batch_size,
-                               **self._options())
+        return ResumableLoader(dataset, self.batch_size, ResumableSampler(dataset, seed=seed),
+                               drop_last=len(dataset) > self.batch_size, **self._options())
 
     def val_dataloader(self) -> DataLoader:
         dataset = Transformed(self.val_set, self.eval_pipeline, self.targets, resize_labels=False)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from backbones import build_backbone
+from backbones.features import Features
 
-from .loading import build_head
+from .loading import build_head as instantiate_head
 from .meta_heads import load_head_weights
 from .optim import build_optimizer
 from .padding import pad_for_head
@@ -39,16 +40,22 @@ class DenseTask(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.backbone = build_backbone(**backbone)
-        self.head = build_head(head, self.backbone.channels, self.backbone.strides, num_classes)
-        if head.get("weights"):
-            load_head_weights(self.head, head, head["weights"], backbone["name"], self.backbone.out_indices,
-                              num_classes)
+        self.head = self.build_head(head, num_classes)
         self.optim = dict(optim or {})
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else None
         self.vis_dir = Path(vis_dir) if vis_dir else None
 
     # ----------------------------------------------------------------- model
+    def build_head(self, head: dict, num_classes: int | None) -> torch.nn.Module:
+        """The head from its config, ``in_channels`` / ``strides`` from the backbone, started from ``head.weights``
+        when given (a sweep builds several)."""
+        module = instantiate_head(head, self.backbone.channels, self.backbone.strides, num_classes)
+        if head.get("weights"):
+            load_head_weights(module, head, head["weights"], self.hparams["backbone"]["name"],
+                              self.backbone.out_indices, num_classes)
+        return module
+
     def pad_to_stride(self, images: torch.Tensor) -> torch.Tensor:
         """Pad ``(B, 3, H, W)`` bottom/right with zeros to a multiple of the backbone stride."""
         multiple = self.backbone.pad_to
@@ -91,17 +98,27 @@ class DenseTask(L.LightningModule):
             targets["labels"] = batch["labels"]
         return targets
 
+    def training_features(self, batch: dict) -> Features:
+        """The backbone features of a training batch: read from the frozen-feature cache when the batch carries
+        them (``dense_data.feature_cache``), else computed from its images."""
+        cached = batch.get("features")
+        if cached is None:
+            return self.backbone(self.pad_to_stride(batch["image"]))
+        return Features(maps=cached["maps"], cls=cached.get("cls"), strides=self.backbone.strides,
+                        channels=self.backbone.channels, patch_size=self.backbone.patch_size,
+                        padded_size=tuple(batch["meta"][0]["padded_size"]))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        images = self.pad_to_stride(batch["image"])
-        outputs = self(images)
-        losses = self.head.loss(outputs, self.batch_targets(batch, tuple(images.shape[-2:])))
+        features = self.training_features(batch)
+        outputs = self.head(features, features.padded_size)
+        losses = self.head.loss(outputs, self.batch_targets(batch, features.padded_size))
         total = sum(losses.values())
         if not torch.isfinite(total):
             bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v)}
             files = [m.get("file") for m in batch.get("meta", [])]
             raise FloatingPointError(f"non-finite loss at step {self.global_step}: {bad}; batch files: {files}. "
                                      "Lower optim.lr, check the labels, or use trainer.gradient_clip_val.")
-        batch_size = images.shape[0]
+        batch_size = len(batch["meta"])
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=batch_size)

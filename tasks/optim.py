@@ -1,4 +1,4 @@
-"""AdamW with head / backbone parameter groups and a warmup + cosine (or poly, or Meta's one-cycle) schedule."""
+"""AdamW (or SGD) with head / backbone parameter groups and a warmup + cosine (or poly, or Meta's one-cycle) schedule."""
 
 import math
 
@@ -49,18 +49,29 @@ def warmup_schedule(total_steps: int, warmup_steps: int, warmup_ratio: float = 1
     return factor
 
 
-def build_optimizer(head: nn.Module, backbone: nn.Module, total_steps: int, lr: float = 1e-3,
-                    weight_decay: float = 1e-3, backbone_lr_mult: float = 0.1, betas=(0.9, 0.999),
-                    warmup_steps: int = 0, warmup_ratio: float = 1e-3, schedule: str = "cosine",
-                    min_lr_ratio: float = 0.0, power: float = 1.0, decay_all: bool = False,
-                    one_cycle: dict | None = None):
-    """AdamW + a per-step ``LambdaLR`` (or ``schedule="one_cycle"``: Meta's ``WarmupOneCycleLR``, its options in
-    ``one_cycle``), in the form Lightning's ``configure_optimizers`` returns."""
-    optimizer = torch.optim.AdamW(param_groups(head, backbone, lr, weight_decay, backbone_lr_mult, decay_all), lr=lr,
-                                  betas=tuple(betas))
+def scheduled_optimizer(groups: list[dict], total_steps: int, lr: float = 1e-3, betas=(0.9, 0.999),
+                        warmup_steps: int = 0, warmup_ratio: float = 1e-3, schedule: str = "cosine",
+                        min_lr_ratio: float = 0.0, power: float = 1.0, name: str = "adamw", momentum: float = 0.9,
+                        one_cycle: dict | None = None):
+    """AdamW (or SGD with momentum) over ``groups`` + a per-step ``LambdaLR`` (or ``schedule="one_cycle"``: Meta's
+    ``WarmupOneCycleLR``, its options in ``one_cycle``), in the form Lightning's ``configure_optimizers`` returns."""
+    if name == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    elif name == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; valid: adamw, sgd")
     if schedule == "one_cycle":
         scheduler = WarmupOneCycleLR(optimizer, total_steps, warmup_steps, **(one_cycle or {}))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
     factor = warmup_schedule(total_steps, warmup_steps, warmup_ratio, schedule, min_lr_ratio, power)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def build_optimizer(head: nn.Module, backbone: nn.Module, total_steps: int, lr: float = 1e-3,
+                    weight_decay: float = 1e-3, backbone_lr_mult: float = 0.1, decay_all: bool = False, **kwargs):
+    """``scheduled_optimizer`` over the head / backbone parameter groups (``kwargs``: its other arguments;
+    ``decay_all``: weight decay on biases and norms too, as Meta's depth recipe)."""
+    groups = param_groups(head, backbone, lr, weight_decay, backbone_lr_mult, decay_all)
+    return scheduled_optimizer(groups, total_steps, lr, **kwargs)
