@@ -16,6 +16,12 @@ from torch import Tensor
 MAX_LOG_SCALE = abs(math.log(16 / 1000))
 
 
+def size_tensor(values, like: Tensor) -> Tensor:
+    """``(len(values),)`` float tensor of sizes on ``like``'s device; sizes traced as ``SymInt`` (ONNX export) stay
+    symbolic instead of being fixed to the example's value."""
+    return torch.stack([torch.scalar_tensor(v, dtype=torch.float32, device=like.device) for v in values])
+
+
 def apply_deltas(reference: Tensor, deltas: Tensor, max_size: tuple[float, float] | None = None) -> Tensor:
     """Boxes from reference boxes and deltas.
 
@@ -32,10 +38,8 @@ def apply_deltas(reference: Tensor, deltas: Tensor, max_size: tuple[float, float
     boxes = torch.cat([centre - size / 2, centre + size / 2], -1)
     if max_size is None:
         return boxes
-    height, width = max_size
-    x = boxes[..., 0::2].clamp(min=0).clamp(max=width)
-    y = boxes[..., 1::2].clamp(min=0).clamp(max=height)
-    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
+    limit = size_tensor((max_size[1], max_size[0], max_size[1], max_size[0]), boxes)
+    return torch.minimum(boxes.clamp(min=0), limit)
 
 
 def box_deltas(reference: Tensor, targets: Tensor, all_pairs: bool = False, eps: float = 0.1) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from ..ops.ms_deform_attn import as_size
-from .box_reparam import apply_deltas
+from .box_reparam import apply_deltas, size_tensor
 from .criterion import SetCriterion
 from .global_encoder import GlobalEncoder
 from .matcher import HungarianMatcher
@@ -240,8 +240,7 @@ class PlainDETRHead(nn.Module):
         query, labels = idx // K, idx % K
         boxes = box_convert(torch.gather(outputs["pred_boxes"].float(), 1, query[..., None].expand(-1, -1, 4)),
                             "cxcywh", "xyxy")
-        limit = torch.stack([torch.scalar_tensor(v, dtype=torch.float32, device=prob.device) for v in (W, H, W, H)])
-        return torch.minimum(boxes.clamp(min=0), limit), scores, labels
+        return torch.minimum(boxes.clamp(min=0), size_tensor((W, H, W, H), boxes)), scores, labels
 
     @torch.no_grad()
     def predict(self, outputs: dict, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:

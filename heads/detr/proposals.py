@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .box_reparam import size_tensor
+
 
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channels of a ``(B, C, H, W)`` map."""
@@ -84,8 +86,8 @@ class ProposalLevels(nn.Module):
         anchors = torch.cat(anchors)[None].expand(B, -1, -1)
         feats = torch.cat(feats, 1)
         H, W = size
-        limit = anchors.new_tensor([W, H, W, H])
+        limit = size_tensor((W, H, W, H), anchors)
         valid = ((anchors > 0.01 * limit) & (anchors < 0.99 * limit)).all(-1, keepdim=True)
-        anchors = anchors.masked_fill(~valid, float(max(H, W)))
+        anchors = torch.where(valid, anchors, limit.max())
         feats = feats.masked_fill(~valid, 0.0)
         return self.enc_output_norm(self.enc_output(feats)), anchors, size
