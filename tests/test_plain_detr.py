@@ -161,3 +161,25 @@ def test_short_training_learns():
         total.backward()
         opt.step()
     assert total.item() < 0.6 * first
+
+
+def test_detr_head_class_agnostic_proposals_rank_by_class_zero():
+    from heads.detr import DETRHead
+
+    torch.manual_seed(0)
+    feats = vit_features(c=16)
+    common = dict(hidden_dim=32, num_queries=6, enc_layers=1, dec_layers=1, num_heads=4, num_levels=2, ffn_dim=64)
+    seen = {}
+    for agnostic in (True, False):
+        torch.manual_seed(0)
+        head = DETRHead([16] * 4, [16] * 4, 3, class_agnostic_proposals=agnostic, **common).eval()
+        assert head.criterion.class_agnostic_proposals == agnostic
+        head.decoder.register_forward_pre_hook(lambda m, args: seen.__setitem__(agnostic, args[1]))
+        with torch.no_grad():
+            head.enc_class.weight.normal_()
+            enc = head(feats, feats.padded_size)["enc_outputs"]
+        score = enc["pred_logits"][..., 0] if agnostic else enc["pred_logits"].max(-1).values
+        idx = score.topk(6, dim=1).indices
+        want = torch.gather(enc["pred_boxes"], 1, idx[..., None].expand(-1, -1, 4))
+        assert torch.allclose(seen[agnostic], want)
+    assert not torch.allclose(seen[True], seen[False])
