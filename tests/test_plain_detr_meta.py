@@ -29,7 +29,8 @@ def io():
 
 @pytest.fixture(scope="module")
 def predictor():
-    return load_predictor(FIXTURES / "detector.pth", backbone="vit_test", backbone_weights=str(FIXTURES / "backbone.pth"))
+    return load_predictor(FIXTURES / "detector.pth", backbone="vit_test",
+                          backbone_weights=str(FIXTURES / "backbone.pth"))
 
 
 def _features(io):

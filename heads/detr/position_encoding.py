@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
@@ -31,5 +30,3 @@ def box_position(boxes: Tensor, dim: int) -> Tensor:
         ``(..., dim)``.
     """
     return sine_embed(boxes, dim // 4)
-
-
