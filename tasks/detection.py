@@ -69,13 +69,16 @@ class DetectionTask(DenseTask):
         vis_score_threshold: predictions drawn when their score is at least this, after a class-wise NMS (IoU 0.5,
             for the picture only: AP is computed on all ``predict`` outputs), at most ``vis_max_boxes`` per image.
         vis_min_side: pictures are enlarged so their short side is at least this many pixels.
+        eval_topk: detections per image scored by ``COCOeval`` (the highest scores; ``None``: all that the head's
+            ``predict`` returns, i.e. its ``topk``).
     """
 
     targets = ("boxes",)
 
     def __init__(self, *args, num_vis: int = 4, vis_score_threshold: float = 0.3, vis_max_boxes: int = 20,
-                 vis_min_side: int = 256, **kwargs):
+                 vis_min_side: int = 256, eval_topk: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.eval_topk = eval_topk
         self.num_vis, self.vis_score_threshold, self.vis_min_side = num_vis, vis_score_threshold, vis_min_side
         self.vis_max_boxes = vis_max_boxes
         self.val_metrics: COCOEvaluator | None = None
@@ -86,11 +89,11 @@ class DetectionTask(DenseTask):
     def set_ground_truth(self, dataset) -> None:
         """Build the COCO evaluator for ``dataset`` (raw samples with boxes/labels, or a ``COCODetection``)."""
         if isinstance(dataset, COCODetection):
-            evaluator, self._image_id_of = COCOEvaluator(dataset.coco, dataset.cat_ids), None
+            evaluator, self._image_id_of = COCOEvaluator(dataset.coco, dataset.cat_ids, topk=self.eval_topk), None
         else:
             names = self.class_names or [f"class_{i}" for i in range(self.num_classes)]
             coco, self._image_id_of = coco_from_dataset(dataset, names)
-            evaluator = COCOEvaluator(coco, list(range(1, len(names) + 1)))
+            evaluator = COCOEvaluator(coco, list(range(1, len(names) + 1)), topk=self.eval_topk)
         self.val_metrics = evaluator.to(self.device)
 
     def image_id(self, meta: dict) -> int:

@@ -191,7 +191,8 @@ def export_onnx(predictor: Predictor, path: str | Path, example_size: tuple[int,
     detection = predictor.kind == "detection"
     module = (_DetectionOutputs(model) if detection else model).eval()
     names = DETECTION_OUTPUTS if detection else ["dense"]
-    example_size = example_size or (4 * multiple, 6 * multiple)
+    grid = max(1, int(getattr(model.backbone, "windows", 0)))  # windowed features: whole patches in every window
+    example_size = example_size or (4 * grid * multiple, 6 * grid * multiple)
     check_size = check_size or (7 * multiple, 5 * multiple)
     batch = torch.export.Dim("batch", min=1, max=1024)
     height = multiple * torch.export.Dim("height_blocks", min=1, max=8192 // multiple)

@@ -41,6 +41,7 @@ class MetaHead:
         out_indices: the backbone layers the head reads (Meta's choice for this backbone's depth).
         num_classes, class_names: label space (None for depth).
         eval: ``Predictor`` eval defaults (Meta's evaluation of the released head).
+        backbone_args: further ``build_backbone`` arguments the head needs (e.g. ``windows`` for the detector).
     """
 
     kind: str
@@ -50,6 +51,7 @@ class MetaHead:
     num_classes: int | None = None
     class_names: list[str] | None = None
     eval: dict = field(default_factory=dict)
+    backbone_args: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ FORMATS: tuple[str, ...] = (
     "heads.linear_meta:LINEAR_SEG_FORMAT",
     "heads.dpt.meta_checkpoint:DEPTHER",
     "heads.dpt.meta_checkpoint:CHMV2",
+    "heads.detr.meta_checkpoint:META_DETECTOR",
 )
 
 
@@ -159,7 +162,8 @@ def predictor_from_meta(path: str | Path, backbone: str, backbone_weights: str |
     spec = get_spec(backbone)
     meta = fmt.convert(state, spec, str(path))
     backbone_cfg = _with_defaults(build_backbone, {"name": backbone, "weights": backbone_weights,
-                                                   "out_indices": list(meta.out_indices), "freeze": freeze})
+                                                   "out_indices": list(meta.out_indices), "freeze": freeze,
+                                                   **meta.backbone_args})
     net = build_backbone(**backbone_cfg)
     head = build_head(meta.head, net.channels, net.strides, meta.num_classes)
     _load_head_tensors(head, meta.state, f"{path} ({fmt.name})")

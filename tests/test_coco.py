@@ -196,6 +196,24 @@ def test_perturbed_matches_cocoeval():
         assert out[k] == pytest.approx(float(r), abs=1e-12), k
 
 
+def test_topk_per_image_keeps_the_highest_scores():
+    ds = gt_dataset()
+    results = perturbed_results(ds)
+    by_image = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    kept = [r for rs in by_image.values() for r in sorted(rs, key=lambda r: -r["score"])[:1]]
+    ref = reference_ap(ds, kept)
+    assert tuple(ref) != tuple(reference_ap(ds, results))  # keeping one per image changes the AP
+    m = COCOEvaluator(make_coco(ds), cat_ids=[1, 2, 3], topk=1)
+    m.update([1, 2, 3, 4], to_predictions(results, [1, 2, 3, 4]))
+    out = m.compute()
+    for k, r in zip(["AP", "AP50", "AP75", "APs", "APm", "APl"], ref):
+        assert out[k] == pytest.approx(float(r), abs=1e-12), k
+    with pytest.raises(ValueError, match="topk"):
+        COCOEvaluator(make_coco(ds), topk=0)
+
+
 def test_image_without_predictions_counts_as_misses(tmp_path):
     ds = gt_dataset()
     results = [r for r in perturbed_results(ds) if r["image_id"] != 2]

@@ -76,6 +76,22 @@ def test_coco_detr_config_trains_on_a_coco_format_set(tmp_path, train_cli):
     assert list((run_dir / "vis").glob("val_boxes_step*.png"))
 
 
+def test_coco_plain_detr_config_trains_with_windows(tmp_path, train_cli):
+    """Meta's recipe (3 x 3 windows, Plain-DETR, top 1500 per image) end to end on a tiny ViT and a COCO-format set."""
+    run_dir = tmp_path / "run"
+    plain = ["head.hidden_dim=32", "head.num_heads=2", "head.enc_layers=1", "head.enc_ffn_dim=64", "head.dec_layers=2",
+             "head.dec_ffn_dim=64", "head.rpe_hidden_dim=16", "head.num_queries=10", "head.num_queries_one2many=20",
+             "head.one_to_many_k=2", "head.proposal_min_size=16"]
+    result = train_cli("task=coco_plain_detr", "backbone=vit_test", "backbone.weights=null", "trainer=cpu",
+                       f"paths.data_root={tmp_path}", *_coco_overrides(tmp_path), *TINY[:5], *plain,
+                       "data.crop_size=96", "data.base_size=96", "data.eval_short_side=96", "data.val_batch_size=2",
+                       f"hydra.run.dir={run_dir}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _metrics(run_dir)
+    task = DetectionTask.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert task.backbone.windows == 3 and len(task.backbone.channels) == 8 and task.eval_topk == 1500
+
+
 def test_coco_detr_missing_dataset_names_the_layout(tmp_path, train_cli):
     result = train_cli("task=coco_detr", "backbone=vit_test", "trainer=cpu", f"paths.data_root={tmp_path}",
                        f"hydra.run.dir={tmp_path / 'run'}", timeout=120)

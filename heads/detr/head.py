@@ -61,6 +61,8 @@ class DETRHead(nn.Module):
         topk: detections kept per image by :meth:`predict`.
         ffn_dim: feed-forward width.
         level_strides: explicit level strides (overrides ``num_levels``).
+        class_agnostic_proposals: encoder proposals ranked by class 0's score and trained as one class (H-DETR /
+            Plain-DETR / Meta); off: ranked by the best class score and trained with the targets' labels.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class DETRHead(nn.Module):
         topk: int = 100,
         ffn_dim: int = 1024,
         level_strides: Sequence[int] | None = None,
+        class_agnostic_proposals: bool = False,
     ):
         super().__init__()
         if len(in_channels) != len(strides):
@@ -100,6 +103,7 @@ class DETRHead(nn.Module):
         self.two_stage = two_stage
         self.topk = topk
         self.hidden_dim = hidden_dim
+        self.class_agnostic_proposals = class_agnostic_proposals
 
         self.input_proj = MultiScaleInput(in_channels, strides, hidden_dim, self.level_strides)
         self.level_embed = nn.Parameter(torch.randn(L, hidden_dim) * 0.02)
@@ -131,6 +135,7 @@ class DETRHead(nn.Module):
             giou_weight,
             focal_alpha,
             focal_gamma,
+            class_agnostic_proposals=class_agnostic_proposals,
         )
 
     # ------------------------------------------------------------------ forward
@@ -188,7 +193,8 @@ class DETRHead(nn.Module):
             enc_boxes = (self.enc_bbox(enc) + inverse_sigmoid(proposals)[None]).sigmoid()
             out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes}
             inside = ((centres > 0) & (centres < 1)).all(-1)
-            score = enc_logits.detach().max(-1).values.masked_fill(~inside[None], float("-inf"))
+            score = enc_logits.detach()[..., 0] if self.class_agnostic_proposals else enc_logits.detach().max(-1).values
+            score = score.masked_fill(~inside[None], float("-inf"))
             idx = score.topk(nq, dim=1).indices
             reference = torch.gather(enc_boxes.detach(), 1, idx[..., None].expand(-1, -1, 4))
         else:

@@ -78,6 +78,9 @@ class COCOEvaluator(Metric):
     Args:
         coco_gt: a ``pycocotools.coco.COCO`` or the path of an instances JSON.
         cat_ids: COCO category id of each contiguous label (default: sorted ids of ``coco_gt``).
+        topk: detections kept per image, the highest scores (``None``: all that ``update`` receives). ``COCOeval``
+            itself keeps at most 100 per image *and category*, so keeping more per image (Meta's detector: 1500)
+            can raise AP.
 
     ``update(image_ids, predictions)``: ``image_ids`` ``B`` COCO image ids; ``predictions`` ``B`` dicts with
     ``boxes (k, 4)`` xyxy in original pixels, ``scores (k,)``, ``labels (k,)`` contiguous. ``compute()`` returns
@@ -88,8 +91,12 @@ class COCOEvaluator(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, coco_gt: COCO | str | Path, cat_ids: Sequence[int] | None = None, **kwargs):
+    def __init__(self, coco_gt: COCO | str | Path, cat_ids: Sequence[int] | None = None, topk: int | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
+        if topk is not None and topk < 1:
+            raise ValueError(f"topk must be a positive number of detections per image or None, got {topk}")
+        self.topk = topk
         self.coco_gt = load_coco(coco_gt)
         self.cat_ids = list(cat_ids) if cat_ids is not None else sorted(self.coco_gt.getCatIds())
         self.add_state("detections", default=[], dist_reduce_fx="cat")
@@ -102,6 +109,9 @@ class COCOEvaluator(Metric):
             boxes = torch.as_tensor(pred["boxes"]).detach().to("cpu", torch.float64).reshape(-1, 4)
             scores = torch.as_tensor(pred["scores"]).detach().to("cpu", torch.float64).reshape(-1, 1)
             labels = torch.as_tensor(pred["labels"]).detach().to("cpu", torch.int64).reshape(-1)
+            if self.topk is not None and len(scores) > self.topk:
+                keep = scores[:, 0].topk(self.topk).indices
+                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
             rows = torch.cat(
                 [torch.full((len(boxes), 1), float(image_id), dtype=torch.float64), xywh, scores, cat[labels][:, None]],

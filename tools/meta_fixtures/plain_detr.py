@@ -1,0 +1,138 @@
+"""Write fixtures of Meta's DINOv3 COCO detector (Plain-DETR, ``dinov3_vit7b16_de``) on random weights.
+
+Builds Meta's ``PlainDETRReParam`` exactly as ``dinov3/hub/detectors.py`` configures it (windows wrapper,
+global encoder, 4 proposal levels, reparam boxes, global RPE decoder, mixed selection, look-forward-twice), but
+small: a 4-block 64-dim DINOv3 ViT (the layout of our ``vit_test`` backbone), hidden 64, 1 encoder and 2 decoder
+layers, 25 + 25 queries. Writes to ``tests/fixtures/meta/detr/``:
+
+- ``backbone.pth``: the ViT in Meta's key layout; ``detector.pth``: ``{"model": state_dict}`` of the detector
+  without the backbone, as Meta releases it (``dinov3_vit7b16_coco2017_detr_head-*.pth``);
+- ``io.safetensors``: input images (2 x 3 x 160 x 208, normalized), Meta's windowed features (the input of
+  ``input_proj``), outputs of inference (25 queries): final and auxiliary logits / boxes, encoder proposal
+  logits / boxes, post-processed top-50 scores / labels / boxes; and of the full query set (25 one-to-one +
+  25 one-to-many, masked self-attention) as in training;
+- ``config.json``: the sizes used.
+
+Rerun (needs torch, torchvision, numpy; Meta's repository at commit 6876159)::
+
+    git clone https://github.com/facebookresearch/dinov3 /tmp/dinov3 && git -C /tmp/dinov3 checkout 6876159
+    python tools/meta_fixtures/plain_detr.py --meta-repo /tmp/dinov3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+OUT = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "meta" / "detr"
+SIZES = dict(hidden_dim=64, nheads=8, num_encoder_layers=1, dec_layers=2, dim_feedforward=128,
+             decoder_rpe_hidden_dim=32, num_queries_one2one=25, num_queries_one2many=25, num_classes=91, topk=50,
+             n_windows_sqrt=3, embed_dim=64, depth=4, num_heads=2)
+IMAGE = (2, 3, 160, 208)
+
+
+def build(meta_repo: str):
+    sys.path.insert(0, meta_repo)
+    from dinov3.eval.detection.config import DetectionHeadConfig
+    from dinov3.eval.detection.models.detr import PostProcess, build_model
+    from dinov3.models.vision_transformer import DinoVisionTransformer
+
+    torch.manual_seed(0)
+    vit = DinoVisionTransformer(
+        img_size=224, patch_size=16, in_chans=3, pos_embed_rope_base=100, pos_embed_rope_normalize_coords="separate",
+        pos_embed_rope_rescale_coords=2, pos_embed_rope_dtype="fp32", embed_dim=SIZES["embed_dim"],
+        depth=SIZES["depth"], num_heads=SIZES["num_heads"], ffn_ratio=4, qkv_bias=True, drop_path_rate=0.0,
+        layerscale_init=1.0e-05, norm_layer="layernormbf16", ffn_layer="mlp", ffn_bias=True, proj_bias=True,
+        n_storage_tokens=4, mask_k_bias=True)
+    vit.init_weights()
+    with torch.no_grad():  # layer scales of a trained model, not 1e-5, so that every block matters
+        for name, p in vit.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand_like(p) * 0.5 + 0.25)
+    vit.eval()
+    config = DetectionHeadConfig(
+        with_box_refine=True, two_stage=True, mixed_selection=True, look_forward_twice=True, k_one2many=6,
+        lambda_one2many=1.0, num_queries_one2one=SIZES["num_queries_one2one"],
+        num_queries_one2many=SIZES["num_queries_one2many"], reparam=True, num_feature_levels=1,
+        dec_layers=SIZES["dec_layers"], dim_feedforward=SIZES["dim_feedforward"], dropout=0.0, norm_type="pre_norm",
+        proposal_feature_levels=4, proposal_min_size=50, decoder_type="global_rpe_decomp",
+        decoder_use_checkpoint=False, decoder_rpe_hidden_dim=SIZES["decoder_rpe_hidden_dim"],
+        decoder_rpe_type="linear", layers_to_use=None, blocks_to_train=None, add_transformer_encoder=True,
+        num_encoder_layers=SIZES["num_encoder_layers"], backbone_use_layernorm=False,
+        num_classes=SIZES["num_classes"], aux_loss=True, topk=SIZES["topk"], hidden_dim=SIZES["hidden_dim"],
+        nheads=SIZES["nheads"])
+    config.n_windows_sqrt = SIZES["n_windows_sqrt"]
+    config.proposal_in_stride = vit.patch_size
+    config.proposal_tgt_strides = [int(m * vit.patch_size) for m in (0.5, 1, 2, 4)]
+    config.layers_to_use = [m * vit.n_blocks // 4 - 1 for m in range(1, 5)]
+    detector = build_model(vit, config)
+    with torch.no_grad():  # move every head weight off its initial value (zero box layers, constant class bias)
+        for name, p in detector.named_parameters():
+            if not name.startswith("backbone."):
+                p.add_(torch.randn_like(p) * 0.05)
+    detector.eval()
+    return detector, PostProcess(config.topk, config.reparam), vit
+
+
+def run(detector, postprocess, images, num_queries):
+    from dinov3.eval.detection.util.misc import NestedTensor
+
+    detector.num_queries = num_queries
+    detector.transformer.two_stage_num_proposals = num_queries
+    samples = NestedTensor(images, torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool))
+    with torch.no_grad():
+        out = detector(samples)
+    return out, samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--meta-repo", default=os.environ.get("DINOV3_REPO"), help="Meta's dinov3 checkout")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    if not args.meta_repo:
+        parser.error("--meta-repo (or DINOV3_REPO) is required")
+    detector, postprocess, vit = build(args.meta_repo)
+    images = torch.randn(*IMAGE, generator=torch.Generator().manual_seed(1))
+    tensors: dict[str, torch.Tensor] = {"images": images}
+    n1, n2 = SIZES["num_queries_one2one"], SIZES["num_queries_one2many"]
+
+    out, samples = run(detector, postprocess, images, n1)
+    with torch.no_grad():
+        features, _ = detector.backbone(samples)
+    tensors["features"] = features[0].tensors
+    for key in ("pred_logits", "pred_boxes", "pred_boxes_old", "pred_deltas"):
+        tensors[key] = out[key]
+    for i, aux in enumerate(out["aux_outputs"]):
+        tensors[f"aux{i}_pred_logits"], tensors[f"aux{i}_pred_boxes"] = aux["pred_logits"], aux["pred_boxes"]
+    tensors["enc_pred_logits"] = out["enc_outputs"]["pred_logits"]
+    tensors["enc_pred_boxes"] = out["enc_outputs"]["pred_boxes"]
+    sizes = torch.tensor([list(IMAGE[2:])] * IMAGE[0])
+    results = postprocess(out, target_sizes=sizes, original_target_sizes=sizes)
+    for key in ("scores", "labels", "boxes"):
+        tensors[f"post_{key}"] = torch.stack([r[key] for r in results])
+    top = out["enc_outputs"]["pred_logits"][..., 0].sort(dim=1, descending=True).values
+    margin = (top[:, n1 - 1] - top[:, n1]).min().item()
+
+    full, _ = run(detector, postprocess, images, n1 + n2)
+    for key in ("pred_logits", "pred_boxes", "pred_logits_one2many", "pred_boxes_one2many"):
+        tensors[f"full_{key}"] = full[key]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().float() if v.is_floating_point() else v.contiguous() for k, v in tensors.items()},
+              str(args.out / "io.safetensors"))
+    torch.save(vit.state_dict(), args.out / "backbone.pth")
+    head_state = {k: v for k, v in detector.state_dict().items() if not k.startswith("backbone.")}
+    torch.save({"model": head_state}, args.out / "detector.pth")
+    (args.out / "config.json").write_text(json.dumps(dict(SIZES, image=list(IMAGE)), indent=1) + "\n")
+    print(f"wrote {args.out}; top-{n1} proposal score margin {margin:.2e}")
+
+
+if __name__ == "__main__":
+    main()
