@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from dense_data.feature_cache import FeatureCache, collate_cached  # noqa: E402
+from benchmarks.common import sync  # noqa: E402
 from dense_data.synthetic import make_scene  # noqa: E402
 from dense_data.transforms import Transformed, collate, train_transform  # noqa: E402
 from tasks import ClassificationTask, SegmentationTask  # noqa: E402
@@ -50,8 +51,7 @@ def epoch(task, loader, device) -> float:
     """Seconds for one pass of training steps (as ``DenseTask.training_step`` runs them) over ``loader``."""
     optimizer = torch.optim.AdamW(task.head.parameters(), lr=1e-3)
     task.train()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     for batch in loader:
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -63,8 +63,7 @@ def epoch(task, loader, device) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return time.perf_counter() - start
 
 

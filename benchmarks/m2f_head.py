@@ -25,40 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backbones.features import Features  # noqa: E402
+from benchmarks.common import ade_like_masks, timed  # noqa: E402
 from heads.mask2former import Mask2FormerHead  # noqa: E402
 
 BACKBONES = {
     "s": ("vit_small_patch16_dinov3", [2, 5, 8, 11]),
     "l": ("vit_large_patch16_dinov3", [4, 11, 17, 23]),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, iters: int, warmup: int) -> float:
-    """Mean seconds of ``fn()`` over ``iters`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / iters
-
-
-def ade_like_masks(batch: int, size: int, num_classes: int, device: torch.device) -> torch.Tensor:
-    """Piecewise-constant label maps with ~10 classes and a little ignore, (B, H, W)."""
-    g = torch.Generator().manual_seed(0)
-    coarse = torch.randint(0, 10, (batch, 1, 8, 8), generator=g).float()
-    classes = torch.randperm(num_classes, generator=g)[:10].float()
-    mask = torch.nn.functional.interpolate(coarse, size=(size, size), mode="nearest")[:, 0].long()
-    mask = classes[mask].long()
-    mask[:, : size // 32] = 255
-    return mask.to(device)
 
 
 def bench(name: str, indices: list[int], args, device: torch.device) -> float:

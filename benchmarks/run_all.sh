@@ -28,6 +28,7 @@ rows=()
 failed=0
 for script in benchmarks/*.py; do
     name=$(basename "$script" .py)
+    [[ $name == common ]] && continue  # shared helpers, not a benchmark
     help=$("$python" "$script" --help 2>/dev/null)
     args=()
     [[ $help == *--device* ]] && args+=(--device "$device")

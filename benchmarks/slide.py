@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from backbones import build_backbone  # noqa: E402
+from benchmarks.common import sync  # noqa: E402
 from heads import LinearSegHead  # noqa: E402
 from tasks.inference import slide_inference, window_starts  # noqa: E402
 from tasks.predictor import DenseModel  # noqa: E402
@@ -53,12 +54,10 @@ def timed(fns: dict, device: torch.device, iters: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(iters + 1):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             start = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             if round_:
                 times[name].append(time.perf_counter() - start)
     return {name: min(values) for name, values in times.items()}

@@ -21,13 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backbones import build_backbone  # noqa: E402
+from benchmarks.common import sync  # noqa: E402
 from heads import LinearSegHead  # noqa: E402
 from heads.smp import DECODERS, SMPHead  # noqa: E402
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def seconds_per_step(head, features, targets, device: torch.device, iters: int, warmup: int) -> float:

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import sync  # noqa: E402
 from tasks import ClassificationTask, SegmentationTask  # noqa: E402
 from tasks.sweep import META_LEARNING_RATES, sweep_task  # noqa: E402
 
@@ -42,12 +43,10 @@ def step_time(task, batch: dict, device: torch.device, iters: int) -> float:
     step()
     times = []
     for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
