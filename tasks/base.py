@@ -118,7 +118,7 @@ class DenseTask(L.LightningModule):
             files = [m.get("file") for m in batch.get("meta", [])]
             raise FloatingPointError(f"non-finite loss at step {self.global_step}: {bad}; batch files: {files}. "
                                      "Lower optim.lr, check the labels, or use trainer.gradient_clip_val.")
-        batch_size = len(batch["meta"])
+        batch_size = len(batch["meta"]) if "meta" in batch else len(batch["image"])  # cached batches have no image
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=batch_size)

@@ -91,6 +91,7 @@ def _fsdp_worker(rank: int, port: int, results: dict) -> None:
                 if rank == 0:
                     results[freeze] = ({n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
                                         for n, p in task.named_parameters() if p.requires_grad}, units)
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (seen: SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 
