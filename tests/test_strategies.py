@@ -7,6 +7,8 @@ the same step on one process without FSDP.
 
 import os
 import socket
+import sys
+import traceback
 
 import lightning as L
 import pytest
@@ -72,6 +74,19 @@ def _step(model, task, images, masks) -> None:
 
 
 def _fsdp_worker(rank: int, port: int, results: dict) -> None:
+    """Runs in a spawned process; leaves with ``os._exit`` so that no C++ destructor of gloo's threads runs at
+    interpreter exit (seen: ``terminate called without an active exception``, SIGABRT, after the work was done)."""
+    try:
+        _fsdp_steps(rank, port, results)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _fsdp_steps(rank: int, port: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
