@@ -33,3 +33,14 @@ def ade_like_masks(batch: int, size: int, num_classes: int, device: torch.device
     mask = classes[torch.nn.functional.interpolate(coarse, size=(size, size), mode="nearest")[:, 0].long()]
     mask[:, : size // 32] = 255
     return mask.to(device)
+
+
+def head_training_step(task, batch: dict, optimizer: torch.optim.Optimizer) -> None:
+    """One training step of a task's head as ``DenseTask.training_step`` runs it (features from the cache or the
+    frozen backbone, the head's loss, an optimizer step)."""
+    features = task.training_features(batch)
+    outputs = task.head(features, features.padded_size)
+    loss = sum(task.head.loss(outputs, task.batch_targets(batch, features.padded_size)).values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()

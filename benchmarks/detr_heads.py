@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backbones.features import Features  # noqa: E402
+from benchmarks.common import timed  # noqa: E402
 from heads.detr import DETRHead, PlainDETRHead  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -46,6 +46,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     targets = {"boxes": [torch.tensor([[40.0, 60.0, 200.0, 300.0], [250.0, 100.0, 400.0, 180.0]], device=device)],
                "labels": [torch.tensor([3, 7], device=device)]}
+    seconds: dict[str, float] = {}
     for name, cls, head_file, task, views in (("DETRHead", DETRHead, "detr", "coco_detr", 1),
                                               ("PlainDETRHead", PlainDETRHead, "plain_detr", "coco_plain_detr", 2)):
         n = 4 * views
@@ -57,17 +58,10 @@ def main() -> None:
             losses = head.loss(head(feats, feats.padded_size), targets)
             sum(losses.values()).backward()
 
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(args.iters):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = (time.perf_counter() - start) / args.iters
+        seconds[name] = timed(step, device, args.iters, warmup=1)
         params = sum(p.numel() for p in head.parameters()) / 1e6
-        print(f"{name} ({task}): {params:.1f}M params, forward+loss+backward {seconds:.2f} s/img at {args.size} px")
+        print(f"{name} ({task}): {params:.1f}M params, forward+loss+backward {seconds[name]:.2f} s/img at {args.size} px")
+    print(f"plain-detr vs detr step time: {seconds['PlainDETRHead'] / seconds['DETRHead']:.2f}x")
 
 
 if __name__ == "__main__":

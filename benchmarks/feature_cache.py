@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from dense_data.feature_cache import FeatureCache, collate_cached  # noqa: E402
-from benchmarks.common import sync  # noqa: E402
+from benchmarks.common import head_training_step, sync  # noqa: E402
 from dense_data.synthetic import make_scene  # noqa: E402
 from dense_data.transforms import Transformed, collate, train_transform  # noqa: E402
 from tasks import ClassificationTask, SegmentationTask  # noqa: E402
@@ -57,12 +57,7 @@ def epoch(task, loader, device) -> float:
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if "features" in batch:
             batch["features"] = {k: [t.to(device) for t in v] for k, v in batch["features"].items()}
-        features = task.training_features(batch)
-        outputs = task.head(features, features.padded_size)
-        loss = sum(task.head.loss(outputs, task.batch_targets(batch, features.padded_size)).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        head_training_step(task, batch, optimizer)
     sync(device)
     return time.perf_counter() - start
 

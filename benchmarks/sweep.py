@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import sync  # noqa: E402
+from benchmarks.common import head_training_step, sync  # noqa: E402
 from tasks import ClassificationTask, SegmentationTask  # noqa: E402
 from tasks.sweep import META_LEARNING_RATES, sweep_task  # noqa: E402
 
@@ -33,12 +33,7 @@ def step_time(task, batch: dict, device: torch.device, iters: int) -> float:
     task.train()
 
     def step():
-        features = task.training_features(batch)
-        outputs = task.head(features, features.padded_size)
-        loss = sum(task.head.loss(outputs, task.batch_targets(batch, features.padded_size)).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        head_training_step(task, batch, optimizer)
 
     step()
     times = []
