@@ -2,7 +2,8 @@
 
 Meta's DPT depther (ViT-S layers, 64x64, 48x80 and 40x72 centre-padded), its CHMv2 head layout, SiLog with warm-up,
 the depth metrics (Eigen crop, gt >= max dropped, least-squares alignment), the one-cycle schedule, and the converter
-of Meta's depther files through load_predictor / export / head.weights.
+of Meta's depther files through load_predictor / export / head.weights. The head files are rebuilt from their seeded
+manifests and saved as Meta saves them (a flat ``DPTHead`` state dict in a ``.pth``) before being read.
 """
 
 import os
@@ -21,6 +22,7 @@ from backbones.registry import get_spec
 from heads.depth_losses import SiLogLoss
 from heads.dpt.meta_checkpoint import CHMV2, DEPTHER
 from heads.linear_depth import LinearDepthHead
+from seeded_weights import read_manifest, state_dict_from
 from tasks.loading import build_head, load_predictor
 from tasks.meta_heads import detect_format, load_head_weights
 from tasks.metrics.depth import image_depth_metrics
@@ -29,8 +31,24 @@ from tasks.padding import center_pad
 from tasks.predictor import DenseModel, ExportError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "meta" / "depth"
-DPT_FILE, CHMV2_FILE = FIXTURES / "dpt_vits16.pth", FIXTURES / "chmv2.pth"
 ATOL = 1e-4
+
+
+def meta_file(tmp_path_factory, name):
+    """Meta's released head file for the manifest ``name``: its state dict, saved flat with ``torch.save``."""
+    path = tmp_path_factory.mktemp("meta_depth") / f"{name}.pth"
+    torch.save(state_dict_from(read_manifest(FIXTURES / f"{name}.manifest.json")), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dpt_file(tmp_path_factory):
+    return meta_file(tmp_path_factory, "dpt_vits16")
+
+
+@pytest.fixture(scope="module")
+def chmv2_file(tmp_path_factory):
+    return meta_file(tmp_path_factory, "chmv2")
 
 
 def meta_head(path, fmt, backbone):
@@ -55,8 +73,8 @@ def assert_depth_close(ours, meta):
 
 
 @pytest.fixture(scope="module")
-def dpt():
-    return meta_head(DPT_FILE, DEPTHER, "vits16")
+def dpt(dpt_file):
+    return meta_head(dpt_file, DEPTHER, "vits16")
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +129,8 @@ def test_center_padding_equals_meta_and_dense_model_crops_the_centre(dpt, dpt_te
     assert_depth_close(depth, meta_depth[..., 4:44, 4:76])
 
 
-def test_chmv2_head_equals_meta():
-    head, meta = meta_head(CHMV2_FILE, CHMV2, "vitl16")
+def test_chmv2_head_equals_meta(chmv2_file):
+    head, meta = meta_head(chmv2_file, CHMV2, "vitl16")
     assert meta.out_indices == [5, 11, 17, 23]
     assert head.readout == "project" and head.fusion_conv is None
     t = load_file(str(FIXTURES / "chmv2.safetensors"))
@@ -123,11 +141,11 @@ def test_chmv2_head_equals_meta():
     assert_depth_close(out["depth"], meta_depth)
 
 
-def test_formats_are_told_apart():
-    dpt_state = torch.load(DPT_FILE, weights_only=True)
-    chmv2_state = torch.load(CHMV2_FILE, weights_only=True)
-    assert detect_format(dpt_state, DPT_FILE).name == "meta_depther"
-    assert detect_format(chmv2_state, CHMV2_FILE).name == "meta_chmv2"
+def test_formats_are_told_apart(dpt_file, chmv2_file):
+    dpt_state = torch.load(dpt_file, weights_only=True)
+    chmv2_state = torch.load(chmv2_file, weights_only=True)
+    assert detect_format(dpt_state, dpt_file).name == "meta_depther"
+    assert detect_format(chmv2_state, chmv2_file).name == "meta_chmv2"
     broken = dict(dpt_state, **{"reassemble_blocks.unknown.weight": torch.zeros(1)})
     with pytest.raises(ExportError, match="reassemble_blocks.unknown.weight"):
         DEPTHER.convert(broken, get_spec("vits16"), "broken.pth")
@@ -138,8 +156,9 @@ def test_linear_depth_head_equals_meta():
     t = load_file(str(FIXTURES / "linear.safetensors"))
     head = LinearDepthHead([384], [16]).eval()
     names = {"batchnorm_layer": "batchnorm", "conv_depth": "conv"}
-    state = {names[k.split(".")[1]] + "." + k.split(".", 2)[2]: v for k, v in t.items() if k.startswith("head.")}
-    head.load_state_dict(state, strict=True)  # BatchNorm fills in the 0-d num_batches_tracked left out of the file
+    meta_state = state_dict_from(read_manifest(FIXTURES / "linear.manifest.json"))  # Meta's LinearHead keys
+    state = {names[k.split(".")[0]] + "." + k.split(".", 1)[1]: v for k, v in meta_state.items()}
+    head.load_state_dict(state, strict=True)
     feats = Features(maps=[t["map"]], cls=[t["cls"]], strides=[16], channels=[384], patch_size=16, padded_size=(48, 80))
     with torch.no_grad():
         out = head(feats, (48, 80))
@@ -202,12 +221,12 @@ def test_one_cycle_schedule_equals_meta(lm):
 
 
 # ------------------------------------------------------------------------------------------ converter end to end
-def test_load_predictor_export_and_head_weights(tmp_path):
+def test_load_predictor_export_and_head_weights(tmp_path, chmv2_file):
     """A CHMv2-layout file on the 64-wide test ViT: load_predictor, predict at an odd size, export, head.weights."""
     from tasks.base import DenseTask
     from tasks.export import export_predictor
 
-    predictor = load_predictor(CHMV2_FILE, backbone="vit_test", backbone_weights=None)
+    predictor = load_predictor(chmv2_file, backbone="vit_test", backbone_weights=None)
     assert predictor.config["task"]["meta_format"] == "meta_chmv2"
     assert predictor.eval_settings["flip"] is True
     image = torch.rand(3, 40, 72)
@@ -217,10 +236,10 @@ def test_load_predictor_export_and_head_weights(tmp_path):
     again = load_predictor(tmp_path / "export")
     torch.testing.assert_close(again.predict(image)["depth"], depth)
 
-    head_cfg = dict(predictor.config["head"], weights=str(CHMV2_FILE))
+    head_cfg = dict(predictor.config["head"], weights=str(chmv2_file))
     head_cfg = {k: v for k, v in head_cfg.items() if k not in ("in_channels", "strides")}
     task = DenseTask(backbone={"name": "vit_test", "out_indices": [0, 1, 2, 3]}, head=head_cfg)
     for key, value in predictor.model.head.state_dict().items():
         torch.testing.assert_close(task.head.state_dict()[key], value)
     with pytest.raises(ExportError, match="max_depth"):
-        load_head_weights(task.head, dict(head_cfg, max_depth=10.0), CHMV2_FILE, "vit_test", [0, 1, 2, 3])
+        load_head_weights(task.head, dict(head_cfg, max_depth=10.0), chmv2_file, "vit_test", [0, 1, 2, 3])

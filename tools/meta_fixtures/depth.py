@@ -1,28 +1,32 @@
-"""Write the depth fixtures of ``tests/test_dpt_meta.py`` from Meta's dinov3 code (random weights, fixed seeds).
+"""Write the depth fixtures of ``tests/test_dpt_meta.py`` from Meta's dinov3 code (seeded weights, fixed seeds).
 
-What is written to ``tests/fixtures/meta/depth/``:
+No weight file is committed: every head below is filled with the seeded values of a manifest
+(``tests/seeded_weights.py``: key, shape, dtype and a seed per file), and the manifest is committed instead; the
+tests rebuild the same state dict from it and ``torch.save`` it into a temporary ``.pth`` in the layout of Meta's
+released file, which then goes through our converters. What is written to ``tests/fixtures/meta/depth/``:
 
-- ``dpt_vits16.pth``: a DPT decoder state dict in the layout of Meta's released depther file (``dinov3_vit7b16_dd``:
-  flat ``DPTHead`` keys, BatchNorm, bias-free residual convs, post-fusion conv), built by Meta's ``build_depther``
-  on a random ViT-S/16 (layers 2, 5, 8, 11, backbone norm on), small widths (channels 32, post [24, 48, 96, 96]),
-  256 bins over [0.001, 100] m; BatchNorm statistics and affine parameters randomised.
+- ``dpt_vits16.manifest.json``: a DPT decoder state dict in the layout of Meta's released depther file
+  (``dinov3_vit7b16_dd``: flat ``DPTHead`` keys, BatchNorm, bias-free residual convs, post-fusion conv), built by
+  Meta's ``build_depther`` on a random ViT-S/16 (layers 2, 5, 8, 11, backbone norm on), small widths (channels 32,
+  post [24, 48, 96, 96]), 256 bins over [0.001, 100] m; BatchNorm statistics and affine parameters seeded.
 - ``dpt_vits16.safetensors``: per input size (64x64 batch 2, 48x80, and 40x72 which Meta centre-pads to 48x80):
   the image, Meta's centre-padded image, the encoder output (4 patch maps + class tokens), every 32nd of the decoder's
   logits and Meta's depth (``FeaturesToDepth``), all in float32 without autocast.
-- ``chmv2.pth`` / ``chmv2.safetensors``: the CHMv2 head layout (readout ``project``, biased residual convs, hidden
-  128, no post-fusion conv, mixlog bins over [0.001, 96]) on random 64-channel features.
-- ``linear.safetensors``: Meta's linear depth head (``LinearHead``: BatchNorm + 1x1 conv to 256 bins, no class
-  token) and its depth over [0.001, 10] m on a random 384-channel 3x5 map.
+- ``chmv2.manifest.json`` / ``chmv2.safetensors``: the CHMv2 head layout (readout ``project``, biased residual
+  convs, hidden 128, no post-fusion conv, mixlog bins over [0.001, 96]) on random 64-channel features.
+- ``linear.manifest.json`` / ``linear.safetensors``: Meta's linear depth head (``LinearHead``: BatchNorm + 1x1 conv
+  to 256 bins, no class token; its state dict keys) and its depth over [0.001, 10] m on a random 384-channel 3x5 map.
 - ``losses_metrics.safetensors``: Meta's ``SigLoss`` (warm-up of 3 calls) over 5 calls; Meta's depth metrics per
   image (``calculate_depth_metrics`` with the NYU Eigen mask at 60x80, ground truth >= max dropped, with and
   without least-squares alignment); Meta's ``WarmupOneCycleLR`` learning rate and beta1 over 60 steps.
 
-Rerun (needs Meta's repository; fetch github:facebookresearch/dinov3 at commit 6876159)::
+Rerun (about 10 s; needs Meta's repository, github:facebookresearch/dinov3 at commit 6876159)::
 
     git clone https://github.com/facebookresearch/dinov3 /tmp/dinov3 && git -C /tmp/dinov3 checkout 6876159
+    pip install omegaconf termcolor   # imported by Meta's modules
     OMP_NUM_THREADS=1 python tools/meta_fixtures/depth.py --meta-repo /tmp/dinov3
 
-(``DINOV3_REPO`` sets the default of ``--meta-repo``; Meta's code needs ``omegaconf``.)
+(``DINOV3_REPO`` sets the default of ``--meta-repo``.)
 """
 
 from __future__ import annotations
@@ -35,18 +39,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-OUT = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "meta" / "depth"
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "tests" / "fixtures" / "meta" / "depth"
 SIZES = {"64x64": (2, 64, 64), "48x80": (1, 48, 80), "40x72": (1, 40, 72)}
 
 
-def randomise_batchnorm(module: torch.nn.Module, generator: torch.Generator) -> None:
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=generator) * 0.5)
-            m.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=generator) * 0.1)
+def seed_weights(module: torch.nn.Module, seed: int, path: Path) -> None:
+    """Fill ``module`` with the seeded values of its state dict and write their manifest to ``path``."""
+    from seeded_weights import seeded_state_dict, write_manifest
+
+    values, manifest = seeded_state_dict(module.state_dict(), seed)
+    module.load_state_dict(values, strict=True)
+    write_manifest(manifest, path)
 
 
 def as_plain_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
@@ -73,8 +77,7 @@ def dpt_fixture(out: Path) -> None:
                             min_depth=0.001, max_depth=100.0, channels=32, post_process_channels=[24, 48, 96, 96])
     g = torch.Generator().manual_seed(1)
     decoder = as_plain_batchnorm(depther.decoder).eval()
-    randomise_batchnorm(decoder, g)
-    torch.save({k: v.clone() for k, v in decoder.state_dict().items()}, out / "dpt_vits16.pth")
+    seed_weights(decoder, 1, out / "dpt_vits16.manifest.json")
     tensors = {}
     with torch.no_grad():
         for name, (b, h, w) in SIZES.items():
@@ -101,7 +104,7 @@ def chmv2_fixture(out: Path) -> None:
                    n_output_channels=64, n_hidden_channels=128, use_batchnorm=False, use_bias=True,
                    projection_after_fusion=False).eval()
     to_depth = FeaturesToDepth(0.001, 96.0, bins_strategy="chmv2_mixlog", norm_strategy="chmv2_mixlog")
-    torch.save({k: v.clone() for k, v in head.state_dict().items()}, out / "chmv2.pth")
+    seed_weights(head, 2, out / "chmv2.manifest.json")
     g = torch.Generator().manual_seed(3)
     tensors = {}
     with torch.no_grad():
@@ -121,14 +124,12 @@ def linear_fixture(out: Path) -> None:
     head = as_plain_batchnorm(LinearHead(in_channels=[384], n_output_channels=256, use_batchnorm=True,
                                          use_cls_token=False)).eval()
     g = torch.Generator().manual_seed(6)
-    randomise_batchnorm(head, g)
+    seed_weights(head, 5, out / "linear.manifest.json")
     with torch.no_grad():
-        head.conv_depth.weight.normal_(0, 0.05, generator=g)
         patches, cls = torch.randn(2, 384, 3, 5, generator=g), torch.randn(2, 384, generator=g)
         logits = head([(patches, cls)])
     to_depth = FeaturesToDepth(0.001, 10.0)
-    tensors = {f"head.{k}": v.clone() for k, v in head.state_dict().items() if v.dim() > 0}
-    tensors.update({"map": patches, "cls": cls, "logits": logits, "depth": to_depth(logits)})
+    tensors = {"map": patches, "cls": cls, "logits": logits, "depth": to_depth(logits)}
     save_file(tensors, str(out / "linear.safetensors"))
 
 
@@ -193,6 +194,7 @@ def main() -> None:
     if not args.meta_repo or not Path(args.meta_repo, "dinov3").is_dir():
         sys.exit(f"--meta-repo must point at a dinov3 checkout (got {args.meta_repo!r})")
     sys.path.insert(0, str(Path(args.meta_repo).resolve()))
+    sys.path.insert(0, str(ROOT / "tests"))  # seeded_weights
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dpt_fixture(out)
