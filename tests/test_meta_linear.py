@@ -1,6 +1,8 @@
 """Meta's linear heads and evaluation conventions against fixtures from Meta's code
 (tools/meta_fixtures/linear_heads.py): the classifier and linear-seg converters, the shrinking sliding window, Meta's
-TTA views and averaging, ``head.weights``, errors."""
+TTA views and averaging, ``head.weights``, errors. Meta's head files are rebuilt from their seeded manifests and
+saved in Meta's layout (``classifier_head.pth`` flat, ``model_final.pth`` as ``{"model": ..., "optimizer": ...}``)
+before being read."""
 
 import json
 import os
@@ -24,9 +26,28 @@ from tasks.loading import build_head  # noqa: E402
 from tasks.meta_heads import detect_format, read_meta_file  # noqa: E402
 from tasks.predictor import ExportError, Predictor  # noqa: E402
 from tasks.tta import TTA, average_views, make_views, to_probs, tta_inference  # noqa: E402
+from seeded_weights import read_manifest, state_dict_from  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "meta" / "linear"
-CLASSIFIER, SEG = FIXTURES / "classifier_head.pth", FIXTURES / "model_final.pth"
+
+
+def _meta_file(folder, name):
+    """Meta's file ``name``.pth from its manifest; the manifest's ``file`` entry gives a wrapper such as {"model": sd}."""
+    manifest = read_manifest(FIXTURES / f"{name}.manifest.json")
+    state, layout = state_dict_from(manifest), manifest.get("file")
+    path = folder / f"{name}.pth"
+    torch.save(state if layout is None else {layout["state_under"]: state, **layout["with"]}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier_file(tmp_path_factory):
+    return _meta_file(tmp_path_factory.mktemp("meta_linear"), "classifier_head")
+
+
+@pytest.fixture(scope="module")
+def seg_file(tmp_path_factory):
+    return _meta_file(tmp_path_factory.mktemp("meta_linear"), "model_final")
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +72,14 @@ def _features(maps, cls=None):
 
 
 @pytest.fixture(scope="module")
-def seg_fn(data):
+def seg_fn(data, seg_file):
     """The fixture's toy backbone + our LinearSegHead converted from Meta's model_final.pth: crops -> logits."""
-    _, meta = _convert(SEG, "vit_test")
+    _, meta = _convert(seg_file, "vit_test")
     head = build_head(meta.head, [64], [16], meta.num_classes).eval()
     head.load_state_dict(meta.state)
     proj = nn.Conv2d(3, 64, 4, stride=4).eval()
-    proj.load_state_dict({"weight": data["toy.proj.weight"], "bias": data["toy.proj.bias"]})
+    toy = state_dict_from(read_manifest(FIXTURES / "toy_backbone.manifest.json"))
+    proj.load_state_dict({k.removeprefix("proj."): v for k, v in toy.items()})
 
     @torch.no_grad()
     def fn(crops):
@@ -68,8 +90,8 @@ def seg_fn(data):
     return fn
 
 
-def test_classifier_converter_equals_meta_hub_wrapper(data):
-    fmt, meta = _convert(CLASSIFIER, "vits16")
+def test_classifier_converter_equals_meta_hub_wrapper(data, classifier_file):
+    fmt, meta = _convert(classifier_file, "vits16")
     assert fmt.name == "meta_linear_classifier" and meta.kind == "classification"
     assert meta.out_indices == [11] and meta.num_classes == 10
     head = build_head(meta.head, [384], [16], meta.num_classes).eval()
@@ -80,8 +102,8 @@ def test_classifier_converter_equals_meta_hub_wrapper(data):
     torch.testing.assert_close(logits, data["cls_logits"], atol=1e-4, rtol=0)
 
 
-def test_linear_seg_converter_equals_meta_linear_head(data):
-    fmt, meta = _convert(SEG, "vit_test")
+def test_linear_seg_converter_equals_meta_linear_head(data, seg_file):
+    fmt, meta = _convert(seg_file, "vit_test")
     assert fmt.name == "meta_linear_seg" and meta.out_indices == [3] and meta.num_classes == 6
     head = build_head(meta.head, [64], [16], meta.num_classes).eval()
     head.load_state_dict(meta.state)
@@ -115,6 +137,12 @@ def _meta_tta(info) -> TTA:
     return TTA(flip=True, scales=tuple(t["ratios"]), short_side=t["short_side"], multiple=32, antialias=True)
 
 
+def _meta_view(data, k, flip):
+    """Meta's view of ratio ``k``, mirrored or not (the fixture stores the plain views: Meta's mirrors flip them)."""
+    view = data[f"tta_view{k}"]
+    return view.flip(-1) if flip else view
+
+
 def test_tta_views_equal_meta_views(data, info):
     tta = _meta_tta(info)
     sizes = [list(tta.view_size(info["tta"]["image_size"], r)) for r in info["tta"]["ratios"]]
@@ -123,7 +151,7 @@ def test_tta_views_equal_meta_views(data, info):
     n = len(info["tta"]["ratios"])
     for k in range(n):  # ours: (r, plain), (r, mirror) per ratio; Meta's: all plain, then all mirrored
         for flip in (0, 1):
-            meta_view = data[f"tta_view{k + n * flip}"]
+            meta_view = _meta_view(data, k, flip)
             assert ours[2 * k + flip].shape == meta_view.shape
             # Meta resizes the uint8 picture with PIL (rounded to uint8), we resize the float tensor
             assert (ours[2 * k + flip] - meta_view).abs().max() < 0.03
@@ -132,7 +160,7 @@ def test_tta_views_equal_meta_views(data, info):
 def test_tta_averaging_equals_meta(data, info, seg_fn):
     tta, t = _meta_tta(info), info["tta"]
     n = len(t["ratios"])
-    meta_views = [data[f"tta_view{k + n * flip}"] for k in range(n) for flip in (0, 1)]  # in our view order
+    meta_views = [_meta_view(data, k, flip) for k in range(n) for flip in (0, 1)]  # in our view order
     outputs = dense_inference(seg_fn, meta_views, "slide", t["crop"], t["stride"], small_image="shrink")
     probs = average_views(outputs, tta, [t["image_size"]], lambda s: to_probs(s, "logits", "softmax"))[0]
     torch.testing.assert_close(probs, data["tta_probs"], atol=1e-4, rtol=0)
@@ -205,8 +233,8 @@ def test_load_predictor_classifier_with_imagenet_names(tmp_path):
     assert result["probs"].shape == (1000,) and 0 <= result["label"] < 1000
 
 
-def test_load_predictor_linear_seg_uses_meta_linear_eval(tmp_path):
-    predictor = load_predictor(SEG, backbone="vit_test", backbone_weights=None)
+def test_load_predictor_linear_seg_uses_meta_linear_eval(tmp_path, seg_file):
+    predictor = load_predictor(seg_file, backbone="vit_test", backbone_weights=None)
     assert predictor.kind == "segmentation" and predictor.class_names[0] == "class_0"
     assert predictor.eval_settings["small_image"] == "shrink" and predictor.eval_settings["tta"]["short_side"] == 512
     result = predictor.predict(np.zeros((24, 36, 3), dtype=np.uint8), tta={"short_side": 32})
@@ -220,34 +248,34 @@ def test_load_predictor_linear_seg_uses_meta_linear_eval(tmp_path):
     assert load_predictor(ade, backbone="vit_test").class_names[:2] == ["wall", "building"]
 
 
-def test_head_weights_initialise_training():
+def test_head_weights_initialise_training(seg_file):
     task = SegmentationTask(backbone={"name": "vit_test", "weights": None, "out_indices": [-1]},
-                            head={"_target_": "heads.LinearSegHead", "weights": str(SEG)}, num_classes=6)
-    state = read_meta_file(SEG)
+                            head={"_target_": "heads.LinearSegHead", "weights": str(seg_file)}, num_classes=6)
+    state = read_meta_file(seg_file)
     torch.testing.assert_close(task.head.conv.weight, state["segmentation_model.1.conv.weight"])
     torch.testing.assert_close(task.head.batchnorm.running_var,
                                state["segmentation_model.1.batchnorm_layer.running_var"])
     assert "weights" in task.hparams.head  # recorded, but checkpoints rebuild the head without it
     with pytest.raises(ExportError, match=r"backbone.out_indices=\[3\]"):
         SegmentationTask(backbone={"name": "vit_test", "weights": None},
-                         head={"_target_": "heads.LinearSegHead", "weights": str(SEG)}, num_classes=6)
+                         head={"_target_": "heads.LinearSegHead", "weights": str(seg_file)}, num_classes=6)
     with pytest.raises(ExportError, match="6 classes, the data has 5"):
         SegmentationTask(backbone={"name": "vit_test", "weights": None, "out_indices": [-1]},
-                         head={"_target_": "heads.LinearSegHead", "weights": str(SEG)}, num_classes=5)
+                         head={"_target_": "heads.LinearSegHead", "weights": str(seg_file)}, num_classes=5)
     with pytest.raises(ExportError, match="LinearSegHead, but the config builds a LinearClassifier"):
         ClassificationTask(backbone={"name": "vit_test", "weights": None, "out_indices": [-1]},
-                           head={"_target_": "heads.LinearClassifier", "weights": str(SEG)}, num_classes=6)
+                           head={"_target_": "heads.LinearClassifier", "weights": str(seg_file)}, num_classes=6)
 
 
-def test_errors_name_the_file_and_the_widths(tmp_path):
+def test_errors_name_the_file_and_the_widths(tmp_path, classifier_file, seg_file):
     with pytest.raises(ExportError, match=r"classifier_head.pth.*2 x 768 = 1536.*width 384 \(vits16, vits16plus\)"):
-        _convert(CLASSIFIER, "vitb16")
+        _convert(classifier_file, "vitb16")
     with pytest.raises(ExportError, match="no class token"):
-        _convert(CLASSIFIER, "convnext_tiny")
+        _convert(classifier_file, "convnext_tiny")
     with pytest.raises(ExportError, match=r"model_final.pth.*64 channels.*384 per layer"):
-        _convert(SEG, "vits16")
+        _convert(seg_file, "vits16")
     with pytest.raises(ExportError, match="does not fit|64 channels"):
-        load_predictor(SEG, backbone="vits16", backbone_weights=None)
+        load_predictor(seg_file, backbone="vits16", backbone_weights=None)
     bad = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(2, 2)}, bad)
     with pytest.raises(ExportError, match=r"other.pth: keys .* match none of Meta's released head formats"):
@@ -258,17 +286,17 @@ def test_errors_name_the_file_and_the_widths(tmp_path):
     with pytest.raises(ExportError, match="no_bn.pth.*use_batchnorm=False"):
         _convert(no_bn, "vit_test")
     truncated = tmp_path / "truncated.pth"
-    truncated.write_bytes(CLASSIFIER.read_bytes()[:100])
+    truncated.write_bytes(classifier_file.read_bytes()[:100])
     with pytest.raises(ExportError, match="truncated.pth"):
         load_predictor(truncated, backbone="vit_test")
 
 
-def test_predict_cli_with_a_meta_head_and_a_preset(tmp_path, capsys):
+def test_predict_cli_with_a_meta_head_and_a_preset(tmp_path, capsys, seg_file):
     import predict
     from PIL import Image
 
     Image.fromarray(np.full((24, 36, 3), 90, dtype=np.uint8)).save(tmp_path / "a.png")
-    args = [f"ckpt={SEG}", f"input={tmp_path / 'a.png'}", f"output={tmp_path / 'out'}", "backbone=vit_test"]
+    args = [f"ckpt={seg_file}", f"input={tmp_path / 'a.png'}", f"output={tmp_path / 'out'}", "backbone=vit_test"]
     assert predict.main(args + ["eval=meta_linear"]) == 0
     assert Image.open(tmp_path / "out" / "a_labels.png").size == (36, 24)
     assert predict.main(args + ["eval=meta_nothing"]) == 2

@@ -1,20 +1,26 @@
 """Fixtures from Meta's code for the linear heads, the sliding window and the TTA averaging.
 
-Runs Meta's own modules (facebookresearch/dinov3, commit 6876159) on random weights with a fixed seed and writes
-``tests/fixtures/meta/linear/``:
+Runs Meta's own modules (facebookresearch/dinov3, commit 6876159) on seeded weights and writes
+``tests/fixtures/meta/linear/``. No weight file is committed: each head is filled with the seeded values of a
+manifest (``tests/seeded_weights.py``: key, shape, dtype and a seed), and the tests rebuild the same state dict from
+it and ``torch.save`` it into a temporary file in the layout of Meta's released file before converting it.
 
-- ``classifier_head.pth``: Meta's classifier head file format (``nn.Linear(2 * 384, 10)`` state dict), and in
-  ``linear.safetensors`` a 64x64 image, the ``x_norm_clstoken`` / ``x_norm_patchtokens`` of a random ViT-S/16
-  (``dinov3_vits16(pretrained=False)``) and the logits of Meta's hub wrapper (``_LinearClassifierWrapper``).
-- ``model_final.pth``: what Meta's linear segmentation training saves (``{"model": segmentation_model.1.* of a
-  ``FeatureDecoder``, "optimizer"}``) for a ``LinearHead`` over 64 channels, 6 classes, random BatchNorm statistics.
-  The ``FeatureDecoder``'s backbone is a toy (``toy.*`` tensors): a stride-4 4x4 conv plus the mean of its output
-  over the window, so a window's output depends on the whole window as a ViT's does.
+- ``classifier_head.manifest.json``: Meta's classifier head file (``nn.Linear(2 * 384, 10)`` state dict, saved flat
+  as ``classifier_head.pth``), and in ``linear.safetensors`` a 64x64 image, the ``x_norm_clstoken`` /
+  ``x_norm_patchtokens`` of a random ViT-S/16 (``dinov3_vits16(pretrained=False)``) and the logits of Meta's hub
+  wrapper (``_LinearClassifierWrapper``).
+- ``model_final.manifest.json``: what Meta's linear segmentation training saves as ``model_final.pth`` (``{"model":
+  segmentation_model.1.* of a ``FeatureDecoder``, "optimizer"}``; the manifest's ``file`` entry names the
+  ``"model"`` wrapper and holds the optimizer's state dict) for a ``LinearHead`` over 64 channels, 6 classes,
+  seeded BatchNorm statistics. The ``FeatureDecoder``'s backbone is a toy (``toy_backbone.manifest.json``): a
+  stride-4 4x4 conv plus the mean of its output over the window, so a window's output depends on the whole window
+  as a ViT's does.
 - Meta's ``LinearHead.predict`` on toy features; Meta's ``slide_inference`` (window 64, stride 43) on a 52x76 image
   (window shrunk to 52x52), a 52x150 image (window cut to 52x64) and a 90x130 image (larger than the window);
   Meta's TTA (``make_segmentation_eval_transforms`` views: short side 64 x 0.9..1.1, sides below 64 rounded up to
   32, + flips; ``make_inference`` slide 72 / 48 with softmax; averaged as in ``evaluate_segmentation_model``) on a
-  40x60 image: the views and the averaged probabilities.
+  40x60 image: the views and the averaged probabilities. Meta's mirrored views are its plain views flipped
+  (checked here, exactly), so only the plain ones are stored.
 
 Rerun (about 10 s on a CPU)::
 
@@ -38,6 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+ROOT = Path(__file__).resolve().parents[2]
 SEED = 0
 CHANNELS, CLASSES = 64, 6
 SLIDE_CASES = {"small": ((52, 76), 64, 43), "one_side": ((52, 150), 64, 43), "large": ((90, 130), 64, 43)}
@@ -63,15 +70,27 @@ def smooth_image(generator: torch.Generator, size: tuple[int, int]) -> torch.Ten
         3, *size, generator=generator)
 
 
+def seed_weights(module: torch.nn.Module, seed: int, path: Path, prefix: str = "", file: dict | None = None) -> None:
+    """Fill ``module`` with seeded values and write their manifest (keys under ``prefix``, the file's layout)."""
+    from seeded_weights import seeded_state_dict, write_manifest
+
+    values, manifest = seeded_state_dict({prefix + k: v for k, v in module.state_dict().items()}, seed)
+    module.load_state_dict({k.removeprefix(prefix): v for k, v in values.items()}, strict=True)
+    if file is not None:
+        manifest["file"] = file
+    write_manifest(manifest, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--meta-repo", default=os.environ.get("DINOV3_REPO"),
                         help="checkout of facebookresearch/dinov3")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "tests/fixtures/meta/linear"))
+    parser.add_argument("--out", default=str(ROOT / "tests/fixtures/meta/linear"))
     args = parser.parse_args()
     if not args.meta_repo or not (Path(args.meta_repo) / "dinov3").is_dir():
         sys.exit("pass --meta-repo PATH (or DINOV3_REPO) pointing at a checkout of facebookresearch/dinov3")
     sys.path.insert(0, str(Path(args.meta_repo).resolve()))
+    sys.path.insert(0, str(ROOT / "tests"))  # seeded_weights
     from dinov3.eval.segmentation.inference import make_inference, slide_inference
     from dinov3.eval.segmentation.models import FeatureDecoder
     from dinov3.eval.segmentation.models.heads.linear_head import LinearHead
@@ -91,14 +110,12 @@ def main() -> None:
     backbone.init_weights()
     backbone.eval()
     head = torch.nn.Linear(2 * backbone.embed_dim, 10)
-    torch.nn.init.normal_(head.weight, std=0.05)
-    torch.nn.init.normal_(head.bias, std=0.05)
+    seed_weights(head, 1, out / "classifier_head.manifest.json")
     classifier = _LinearClassifierWrapper(backbone=backbone, linear_head=head).eval()
     image = torch.randn(1, 3, 64, 64, generator=generator)
     with torch.inference_mode():
         tokens = backbone.forward_features(image)
         logits = classifier(image)
-    torch.save(head.state_dict(), out / "classifier_head.pth")
     tensors.update({"cls_image": image, "cls_token": tokens["x_norm_clstoken"].clone(),
                     "patch_tokens": tokens["x_norm_patchtokens"].clone(), "cls_logits": logits.clone()})
 
@@ -106,19 +123,12 @@ def main() -> None:
     toy = ToyBackbone()
     linear = LinearHead(in_channels=[CHANNELS], n_output_channels=CLASSES, dropout=0.1)
     linear.batchnorm_layer = torch.nn.BatchNorm2d(CHANNELS)  # SyncBatchNorm needs a process group; same keys
-    with torch.no_grad():
-        linear.batchnorm_layer.running_mean.normal_(0, 0.3, generator=generator)
-        linear.batchnorm_layer.running_var.uniform_(0.5, 2.0, generator=generator)
-        linear.batchnorm_layer.weight.normal_(1, 0.2, generator=generator)
-        linear.batchnorm_layer.bias.normal_(0, 0.2, generator=generator)
-        linear.conv.weight.normal_(0, 0.2, generator=generator)
-        linear.conv.bias.normal_(0, 0.2, generator=generator)
     model = FeatureDecoder(torch.nn.ModuleList([toy, linear]), autocast_ctx=partial(torch.autocast, "cpu",
                                                                                      enabled=False)).eval()
     optimizer = torch.optim.AdamW(linear.parameters(), lr=1e-3)
-    torch.save({"model": {k: v for k, v in model.state_dict().items() if "segmentation_model.1" in k},
-                "optimizer": optimizer.state_dict()}, out / "model_final.pth")
-    tensors.update({f"toy.{k}": v.clone() for k, v in toy.state_dict().items()})
+    seed_weights(linear, 2, out / "model_final.manifest.json", prefix="segmentation_model.1.",
+                 file={"state_under": "model", "with": {"optimizer": optimizer.state_dict()}})
+    seed_weights(toy, 3, out / "toy_backbone.manifest.json")
 
     features = torch.randn(2, CHANNELS, 5, 7, generator=generator)
     with torch.inference_mode():
@@ -151,11 +161,14 @@ def main() -> None:
                                     output_activation=partial(F.softmax, dim=1))
     tensors["tta_image"] = torch.from_numpy(array.copy())
     tensors["tta_probs"] = (total / len(views))[0]
-    for index, view in enumerate(views):
+    plain = len(TTA_RATIOS)
+    for index, view in enumerate(views[:plain]):
+        if not torch.equal(views[index + plain], view.flip(-1)):
+            sys.exit(f"Meta's view {index + plain} is not view {index} mirrored: store every view")
         tensors[f"tta_view{index}"] = view.float()
     info["tta"] = {"image_size": list(TTA_IMAGE), "short_side": TTA_SHORT, "ratios": TTA_RATIOS, "crop": TTA_CROP,
                    "stride": TTA_STRIDE, "view_sizes": [list(v.shape[-2:]) for v in views],
-                   "view_order": "all ratios, then their mirrors"}
+                   "view_order": "all ratios, then their mirrors (stored: the plain views)"}
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "linear.safetensors"))
     (out / "info.json").write_text(json.dumps(info, indent=1))
