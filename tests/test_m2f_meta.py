@@ -1,8 +1,9 @@
 """ViT-Adapter + Mask2Former against Meta's DINOv3 segmentor, and the converter of Meta's released segmentor file.
 
 Fixtures: ``tools/meta_fixtures/m2f_adapter.py`` ran Meta's ``DINOv3_Adapter`` + ``Mask2FormerHead`` on a tiny
-random ViT (our ``vit_test`` shape) and saved the segmentor in Meta's released format, the backbone in Meta's
-layout, the inputs and Meta's outputs.
+seeded ViT (our ``vit_test`` shape) and saved the manifests of the segmentor (Meta's released format) and of the
+backbone (Meta's layout), the inputs and Meta's outputs. The tests rebuild both files from the manifests and save
+them as Meta does (flat state dicts in ``.pth`` files) before reading them through our loaders.
 """
 
 from pathlib import Path
@@ -21,10 +22,27 @@ from tasks import SegmentationTask, load_predictor
 from tasks.loading import _load_head_tensors, build_head
 from tasks.meta_heads import read_meta_file
 from tasks.predictor import ExportError
+from seeded_weights import read_manifest, state_dict_from
 
 FIXTURES = Path(__file__).parent / "fixtures" / "meta" / "m2f_adapter"
-SEGMENTOR, BACKBONE = FIXTURES / "segmentor.pth", FIXTURES / "backbone.pth"
 TOL = 1e-4
+
+
+def meta_file(tmp_path_factory, name):
+    """Meta's file ``name``.pth (a flat state dict), rebuilt from its manifest."""
+    path = tmp_path_factory.mktemp("meta_m2f") / f"{name}.pth"
+    torch.save(state_dict_from(read_manifest(FIXTURES / f"{name}.manifest.json")), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def segmentor_file(tmp_path_factory):
+    return meta_file(tmp_path_factory, "segmentor")
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory):
+    return meta_file(tmp_path_factory, "backbone")
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +51,22 @@ def io():
 
 
 @pytest.fixture(scope="module")
-def converted():
-    return META_SEGMENTOR.convert(read_meta_file(SEGMENTOR), get_spec("vit_test"), str(SEGMENTOR))
+def converted(segmentor_file):
+    return META_SEGMENTOR.convert(read_meta_file(segmentor_file), get_spec("vit_test"), str(segmentor_file))
 
 
 @pytest.fixture(scope="module")
-def model(converted):
-    backbone = build_backbone("vit_test", weights=str(BACKBONE))
+def model(converted, segmentor_file, backbone_file):
+    backbone = build_backbone("vit_test", weights=str(backbone_file))
     head = build_head(converted.head, backbone.channels, backbone.strides, converted.num_classes)
-    _load_head_tensors(head, converted.state, str(SEGMENTOR))
+    _load_head_tensors(head, converted.state, str(segmentor_file))
     return backbone.eval(), head.eval()
 
 
-def test_converter_reads_sizes_from_shapes(converted):
-    assert META_SEGMENTOR.matches(read_meta_file(SEGMENTOR))
+def test_converter_reads_sizes_from_shapes(converted, segmentor_file):
+    assert META_SEGMENTOR.matches(read_meta_file(segmentor_file))
     head = converted.head
-    assert (head["hidden_dim"], head["dim_feedforward"], head["num_queries"]) == (64, 128, 100)
+    assert (head["hidden_dim"], head["dim_feedforward"], head["num_queries"]) == (64, 128, 20)
     assert (head["enc_layers"], head["dec_layers"], head["num_heads"], head["deform_points"]) == (2, 4, 16, 4)
     assert (head["neck"], head["pixel_decoder_layout"]) == ("adapter", "meta")
     assert head["adapter"] == {"conv_inplanes": 16, "num_heads": 16, "num_points": 4, "value_ratio": 0.5,
@@ -70,8 +88,8 @@ def test_adapter_and_mask2former_match_meta(model, io):
     torch.testing.assert_close(probs[0], io["probs"], atol=TOL, rtol=0)
 
 
-def test_load_predictor_on_meta_segmentor(io):
-    predictor = load_predictor(SEGMENTOR, backbone="vit_test", backbone_weights=str(BACKBONE))
+def test_load_predictor_on_meta_segmentor(io, segmentor_file, backbone_file):
+    predictor = load_predictor(segmentor_file, backbone="vit_test", backbone_weights=str(backbone_file))
     assert predictor.kind == "segmentation" and predictor.num_classes == 19
     assert predictor.eval_settings["crop"] == 896 and predictor.eval_settings["stride"] == 596
     with torch.no_grad():
@@ -81,9 +99,9 @@ def test_load_predictor_on_meta_segmentor(io):
     assert result["probs"].shape == (19, 40, 56) and result["labels"].shape == (40, 56)
 
 
-def test_head_weights_initialise_training_from_meta_file(converted, io):
-    head_cfg = dict(converted.head, weights=str(SEGMENTOR))
-    task = SegmentationTask(backbone={"name": "vit_test", "weights": str(BACKBONE)}, head=head_cfg, num_classes=19)
+def test_head_weights_initialise_training_from_meta_file(converted, io, segmentor_file, backbone_file):
+    head_cfg = dict(converted.head, weights=str(segmentor_file))
+    task = SegmentationTask(backbone={"name": "vit_test", "weights": str(backbone_file)}, head=head_cfg, num_classes=19)
     for key, value in converted.state.items():
         assert torch.equal(task.head.state_dict()[key], value), key
     task.eval()
@@ -97,8 +115,8 @@ def _save(state, path):
     return path
 
 
-def test_bad_segmentor_files_are_refused_with_clear_errors(tmp_path, converted):
-    state = read_meta_file(SEGMENTOR)
+def test_bad_segmentor_files_are_refused_with_clear_errors(tmp_path, converted, segmentor_file):
+    state = read_meta_file(segmentor_file)
     # a file of another kind: no format matches
     other = _save({"decoder.weight": torch.zeros(3, 4), "decoder.bias": torch.zeros(3)}, tmp_path / "foreign.pth")
     with pytest.raises(ExportError, match="foreign.pth.*match none"):
@@ -117,11 +135,11 @@ def test_bad_segmentor_files_are_refused_with_clear_errors(tmp_path, converted):
         load_predictor(full, backbone="vit_test")
     # a backbone of another width, or not a ViT
     with pytest.raises(ExportError, match="segmentor.pth .*size mismatch for adapter.level_embed"):
-        load_predictor(SEGMENTOR, backbone="vits16")
+        load_predictor(segmentor_file, backbone="vits16")
     with pytest.raises(ExportError, match="reads a ViT through its adapter"):
-        load_predictor(SEGMENTOR, backbone="convnext_test")
+        load_predictor(segmentor_file, backbone="convnext_test")
     # head.weights on a head of other sizes
-    head_cfg = dict(converted.head, hidden_dim=32, weights=str(SEGMENTOR))
+    head_cfg = dict(converted.head, hidden_dim=32, weights=str(segmentor_file))
     with pytest.raises(ExportError, match="does not fit the head"):
         SegmentationTask(backbone={"name": "vit_test"}, head=head_cfg, num_classes=19)
 
