@@ -32,7 +32,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "meta" / "linear"
 
 
 def _meta_file(folder, name):
-    """Meta's file ``name``.pth from its manifest; the manifest's ``file`` entry gives a wrapper such as {"model": sd}."""
+    """Meta's file ``name``.pth from its manifest, in the wrapper its ``file`` entry names (``{"model": sd}``)."""
     manifest = read_manifest(FIXTURES / f"{name}.manifest.json")
     state, layout = state_dict_from(manifest), manifest.get("file")
     path = folder / f"{name}.pth"
