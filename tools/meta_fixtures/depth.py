@@ -11,7 +11,7 @@ released file, which then goes through our converters. What is written to ``test
   post [24, 48, 96, 96]), 256 bins over [0.001, 100] m; BatchNorm statistics and affine parameters seeded.
 - ``dpt_vits16.safetensors``: per input size (64x64 batch 2, 48x80, and 40x72 which Meta centre-pads to 48x80):
   the image, Meta's centre-padded image, the encoder output (4 patch maps + class tokens), every 32nd of the decoder's
-  logits and Meta's depth (``FeaturesToDepth``), all in float32 without autocast.
+  logits (not at 40x72) and Meta's depth (``FeaturesToDepth``), all in float32 without autocast.
 - ``chmv2.manifest.json`` / ``chmv2.safetensors``: the CHMv2 head layout (readout ``project``, biased residual
   convs, hidden 128, no post-fusion conv, mixlog bins over [0.001, 96]) on random 64-channel features.
 - ``linear.manifest.json`` / ``linear.safetensors``: Meta's linear depth head (``LinearHead``: BatchNorm + 1x1 conv
@@ -90,7 +90,8 @@ def dpt_fixture(out: Path) -> None:
             for i, (patches, cls) in enumerate(outputs):
                 tensors[f"{name}.map{i}"] = patches.contiguous()
                 tensors[f"{name}.cls{i}"] = cls.contiguous()
-            tensors[f"{name}.logits"] = logits[:, ::32].contiguous()  # every 32nd bin: keeps the file small
+            if name != "40x72":  # its test compares the depth only
+                tensors[f"{name}.logits"] = logits[:, ::32].contiguous()  # every 32nd bin: keeps the file small
             tensors[f"{name}.depth"] = depth
     save_file(tensors, str(out / "dpt_vits16.safetensors"))
 
