@@ -128,3 +128,13 @@ def test_converter_errors(tmp_path):
         load_predictor(tmp_path / "broken.pth", backbone="vit_test", backbone_weights=str(FIXTURES / "backbone.pth"))
     with pytest.raises(ExportError, match="does not fit"):  # a backbone of another width
         load_predictor(FIXTURES / "detector.pth", backbone="vits16", backbone_weights=None)
+
+
+def test_head_weights_check_windows(predictor):
+    from tasks.meta_heads import load_head_weights
+
+    head, cfg = predictor.model.head, predictor.config["head"]
+    indices = predictor.model.backbone.out_indices
+    with pytest.raises(ExportError, match=r"detector\.pth .*backbone\.windows=3.*windows=0"):
+        load_head_weights(head, cfg, FIXTURES / "detector.pth", "vit_test", indices, 91, {"windows": 0})
+    assert load_head_weights(head, cfg, FIXTURES / "detector.pth", "vit_test", indices, 91, {"windows": 3})
