@@ -9,6 +9,7 @@ from .adaptation import apply_freeze
 from .features import Features
 from .windows import windowed_maps
 from .registry import get_spec
+from .rope import make_rope_traceable
 from .weights import load_into, read_state_dict, resolve_weights, to_timm_keys
 
 
@@ -100,6 +101,7 @@ def build_backbone(name: str, weights: str | None = None, out_indices: list[int]
     indices = [i % spec.depth for i in indices]
     kwargs = dict(spec.overrides, num_classes=0, drop_path_rate=drop_path_rate)
     model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+    make_rope_traceable(model)  # RoPE grids follow the input size in exported graphs
     if weights:
         path = resolve_weights(str(weights), spec)
         load_into(model, to_timm_keys(read_state_dict(path), model, spec.kind), str(path))

@@ -53,7 +53,8 @@ class DenseTask(L.LightningModule):
         module = instantiate_head(head, self.backbone.channels, self.backbone.strides, num_classes)
         if head.get("weights"):
             load_head_weights(module, head, head["weights"], self.hparams["backbone"]["name"],
-                              self.backbone.out_indices, num_classes)
+                              self.backbone.out_indices, num_classes,
+                              {"windows": getattr(self.backbone, "windows", 0)})
         return module
 
     def pad_to_stride(self, images: torch.Tensor) -> torch.Tensor:

@@ -117,13 +117,16 @@ def _same(a, b) -> bool:
 
 
 def load_head_weights(head: torch.nn.Module, head_cfg: dict, path: str | Path, backbone: str,
-                      out_indices: list[int], num_classes: int | None = None) -> str:
+                      out_indices: list[int], num_classes: int | None = None,
+                      backbone_args: dict | None = None) -> str:
     """Initialise ``head`` (built from ``head_cfg``) from a head file: the ``head.weights=PATH`` of a training config.
 
     ``PATH`` is a ``head.safetensors`` written by ``export.py``, or one of Meta's released head files, converted
     for the backbone named ``backbone`` as ``load_predictor`` does. A Meta file must agree with the run: its layers
     are the backbone's ``out_indices``, its classes ``num_classes``, its head class and sizes those of the config,
-    or an ``ExportError`` names the file and the config key to change. Loads strictly; returns the format's name.
+    or an ``ExportError`` names the file and the config key to change. ``backbone_args``: the run's further
+    backbone values (e.g. ``{"windows": 0}``), each checked against the file's (the detector needs 3 x 3 windows).
+    Loads strictly; returns the format's name.
     """
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -139,6 +142,10 @@ def load_head_weights(head: torch.nn.Module, head_cfg: dict, path: str | Path, b
     if wanted != [i % spec.depth for i in out_indices]:
         raise ExportError(f"{path} ({fmt.name}) reads layers {wanted} of {backbone}, but the backbone gives "
                           f"{list(out_indices)}: set backbone.out_indices={wanted}")
+    for key, value in meta.backbone_args.items():
+        if backbone_args is not None and key in backbone_args and backbone_args[key] != value:
+            raise ExportError(f"{path} ({fmt.name}) needs backbone.{key}={value!r}, but the backbone has "
+                              f"{key}={backbone_args[key]!r}: set backbone.{key}={value!r}")
     if meta.num_classes is not None and num_classes is not None and meta.num_classes != num_classes:
         raise ExportError(f"{path} ({fmt.name}) predicts {meta.num_classes} classes, the data has {num_classes}")
     target = get_class(meta.head["_target_"])

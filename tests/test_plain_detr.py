@@ -183,3 +183,34 @@ def test_detr_head_class_agnostic_proposals_rank_by_class_zero():
         want = torch.gather(enc["pred_boxes"], 1, idx[..., None].expand(-1, -1, 4))
         assert torch.allclose(seen[agnostic], want)
     assert not torch.allclose(seen[True], seen[False])
+
+
+def test_rope_grid_follows_input_size_in_onnx(tmp_path):
+    """timm's DINOv3 RoPE froze ``float(size)`` of the example into exported graphs (wrong angles at every other
+    size: Meta's detector failed its ONNX check); ours stays symbolic and equals timm's in eager mode."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+
+    from backbones import build_backbone
+
+    rope = build_backbone("vit_test").model.rope
+    for shape in [(4, 6), (7, 5), (13, 10)]:
+        assert torch.equal(rope.get_embed(shape=shape), RotaryEmbeddingDinoV3.get_embed(rope, shape=shape))
+
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rope = rope
+
+        def forward(self, x):
+            return self.rope.get_embed(shape=[x.shape[2] // 16, x.shape[3] // 16])
+
+    module = Embed().eval()
+    dims = {2: 16 * torch.export.Dim("h", min=1, max=64), 3: 16 * torch.export.Dim("w", min=1, max=64)}
+    torch.onnx.export(module, (torch.zeros(1, 3, 64, 96),), str(tmp_path / "rope.onnx"), dynamo=True,
+                      input_names=["images"], dynamic_shapes={"x": dims})
+    session = ort.InferenceSession(str(tmp_path / "rope.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.zeros(1, 3, 112, 80)
+    out = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    assert (out - module(x)).abs().max().item() < 1e-6

@@ -18,6 +18,8 @@ from heads.detr.meta_checkpoint import META_DETECTOR  # noqa: E402
 from tasks import load_predictor  # noqa: E402
 from tasks.predictor import ExportError  # noqa: E402
 
+from seeded_weights import read_manifest, state_dict_from  # noqa: E402
+
 FIXTURES = Path(__file__).parent / "fixtures" / "meta" / "detr"
 TOL = 1e-4
 
@@ -28,9 +30,19 @@ def io():
 
 
 @pytest.fixture(scope="module")
-def predictor():
-    return load_predictor(FIXTURES / "detector.pth", backbone="vit_test",
-                          backbone_weights=str(FIXTURES / "backbone.pth"))
+def files(tmp_path_factory):
+    """Meta's files rebuilt from the seeded manifests: ``detector.pth`` (``{"model": state_dict}``) and the ViT's
+    ``backbone.pth``, both in Meta's key layout."""
+    folder = tmp_path_factory.mktemp("meta_detr")
+    detector, backbone = folder / "detector.pth", folder / "backbone.pth"
+    torch.save({"model": state_dict_from(read_manifest(FIXTURES / "detector.manifest.json"))}, detector)
+    torch.save(state_dict_from(read_manifest(FIXTURES / "backbone.manifest.json")), backbone)
+    return detector, str(backbone)
+
+
+@pytest.fixture(scope="module")
+def predictor(files):
+    return load_predictor(files[0], backbone="vit_test", backbone_weights=files[1])
 
 
 def _features(io):
@@ -44,8 +56,8 @@ def _close(a, b, tol=TOL):
     assert ((a - b).abs() / b.abs().clamp(min=1.0)).max().item() <= tol
 
 
-def test_windowed_backbone_equals_meta(io):
-    backbone = build_backbone("vit_test", weights=str(FIXTURES / "backbone.pth"), windows=3)
+def test_windowed_backbone_equals_meta(io, files):
+    backbone = build_backbone("vit_test", weights=files[1], windows=3)
     assert backbone.channels == [64] * 8 and backbone.strides == [16] * 8
     with torch.no_grad():
         features = backbone(io["images"])
@@ -115,8 +127,8 @@ def test_export_round_trip(tmp_path, io, predictor):
     _close(a[0]["scores"], b[0]["scores"], 0.0)
 
 
-def test_converter_errors(tmp_path):
-    state = torch.load(FIXTURES / "detector.pth", weights_only=True)["model"]
+def test_converter_errors(tmp_path, files):
+    state = torch.load(files[0], weights_only=True)["model"]
     assert META_DETECTOR.matches(state)
     from backbones.registry import get_spec
 
@@ -125,6 +137,16 @@ def test_converter_errors(tmp_path):
     broken = {k: v for k, v in state.items() if not k.startswith("class_embed.0.")}
     torch.save({"model": broken}, tmp_path / "broken.pth")
     with pytest.raises(ExportError, match="class_embed.0.weight"):
-        load_predictor(tmp_path / "broken.pth", backbone="vit_test", backbone_weights=str(FIXTURES / "backbone.pth"))
+        load_predictor(tmp_path / "broken.pth", backbone="vit_test", backbone_weights=files[1])
     with pytest.raises(ExportError, match="does not fit"):  # a backbone of another width
-        load_predictor(FIXTURES / "detector.pth", backbone="vits16", backbone_weights=None)
+        load_predictor(files[0], backbone="vits16", backbone_weights=None)
+
+
+def test_head_weights_check_windows(predictor, files):
+    from tasks.meta_heads import load_head_weights
+
+    head, cfg = predictor.model.head, predictor.config["head"]
+    indices = predictor.model.backbone.out_indices
+    with pytest.raises(ExportError, match=r"detector\.pth .*backbone\.windows=3.*windows=0"):
+        load_head_weights(head, cfg, files[0], "vit_test", indices, 91, {"windows": 0})
+    assert load_head_weights(head, cfg, files[0], "vit_test", indices, 91, {"windows": 3})

@@ -5,8 +5,10 @@ global encoder, 4 proposal levels, reparam boxes, global RPE decoder, mixed sele
 small: a 4-block 64-dim DINOv3 ViT (the layout of our ``vit_test`` backbone), hidden 64, 1 encoder and 2 decoder
 layers, 25 + 25 queries. Writes to ``tests/fixtures/meta/detr/``:
 
-- ``backbone.pth``: the ViT in Meta's key layout; ``detector.pth``: ``{"model": state_dict}`` of the detector
-  without the backbone, as Meta releases it (``dinov3_vit7b16_coco2017_detr_head-*.pth``);
+- ``backbone.manifest.json``: the ViT's seeded weights in Meta's key layout (``tests/seeded_weights.py``; the RoPE
+  periods and the qkv bias masks literal); ``detector.manifest.json``: the detector without the backbone, Meta's released key layout
+  (``dinov3_vit7b16_coco2017_detr_head-*.pth`` holds ``{"model": state_dict}``; the tests write that file from the
+  manifest), one key per tensor (the decoder's aliases of ``class_embed`` / ``bbox_embed`` left out);
 - ``io.safetensors``: input images (2 x 3 x 160 x 208, normalized), Meta's windowed features (the input of
   ``input_proj``), outputs of inference (25 queries): final and auxiliary logits / boxes, encoder proposal
   logits / boxes, post-processed top-50 scores / labels / boxes; and of the full query set (25 one-to-one +
@@ -30,11 +32,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from seeded_weights import seeded_state_dict, write_manifest  # noqa: E402
+
 OUT = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "meta" / "detr"
 SIZES = dict(hidden_dim=64, nheads=8, num_encoder_layers=1, dec_layers=2, dim_feedforward=128,
              decoder_rpe_hidden_dim=32, num_queries_one2one=25, num_queries_one2many=25, num_classes=91, topk=50,
              n_windows_sqrt=3, embed_dim=64, depth=4, num_heads=2)
 IMAGE = (2, 3, 160, 208)
+ALIASES = ("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed.")  # of bbox_embed / class_embed
 
 
 def build(meta_repo: str):
@@ -51,10 +57,9 @@ def build(meta_repo: str):
         layerscale_init=1.0e-05, norm_layer="layernormbf16", ffn_layer="mlp", ffn_bias=True, proj_bias=True,
         n_storage_tokens=4, mask_k_bias=True)
     vit.init_weights()
-    with torch.no_grad():  # layer scales of a trained model, not 1e-5, so that every block matters
-        for name, p in vit.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(torch.rand_like(p) * 0.5 + 0.25)
+    literal = tuple(k for k in vit.state_dict() if k.endswith((".periods", ".bias_mask")))  # values with meaning
+    values, vit_manifest = seeded_state_dict(vit.state_dict(), 11, literal)
+    vit.load_state_dict(values)
     vit.eval()
     config = DetectionHeadConfig(
         with_box_refine=True, two_stage=True, mixed_selection=True, look_forward_twice=True, k_one2many=6,
@@ -72,12 +77,16 @@ def build(meta_repo: str):
     config.proposal_tgt_strides = [int(m * vit.patch_size) for m in (0.5, 1, 2, 4)]
     config.layers_to_use = [m * vit.n_blocks // 4 - 1 for m in range(1, 5)]
     detector = build_model(vit, config)
-    with torch.no_grad():  # move every head weight off its initial value (zero box layers, constant class bias)
-        for name, p in detector.named_parameters():
-            if not name.startswith("backbone."):
-                p.add_(torch.randn_like(p) * 0.05)
+    head = {k: v for k, v in detector.state_dict().items() if not k.startswith(("backbone.",) + ALIASES)}
+    values, head_manifest = seeded_state_dict(head, 12)
+    missing = detector.load_state_dict(values, strict=False).missing_keys
+    unfilled = [k for k in missing if not k.startswith(("backbone.",) + ALIASES)]
+    assert not unfilled, unfilled
+    for key, value in detector.state_dict().items():  # the aliases are the same tensors as the seeded ones
+        if key.startswith(ALIASES):
+            assert torch.equal(value, values[key.removeprefix("transformer.decoder.")]), key
     detector.eval()
-    return detector, PostProcess(config.topk, config.reparam), vit
+    return detector, PostProcess(config.topk, config.reparam), vit_manifest, head_manifest
 
 
 def run(detector, postprocess, images, num_queries):
@@ -98,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.meta_repo:
         parser.error("--meta-repo (or DINOV3_REPO) is required")
-    detector, postprocess, vit = build(args.meta_repo)
+    detector, postprocess, vit_manifest, head_manifest = build(args.meta_repo)
     images = torch.randn(*IMAGE, generator=torch.Generator().manual_seed(1))
     tensors: dict[str, torch.Tensor] = {"images": images}
     n1, n2 = SIZES["num_queries_one2one"], SIZES["num_queries_one2many"]
@@ -127,9 +136,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().float() if v.is_floating_point() else v.contiguous() for k, v in tensors.items()},
               str(args.out / "io.safetensors"))
-    torch.save(vit.state_dict(), args.out / "backbone.pth")
-    head_state = {k: v for k, v in detector.state_dict().items() if not k.startswith("backbone.")}
-    torch.save({"model": head_state}, args.out / "detector.pth")
+    write_manifest(vit_manifest, args.out / "backbone.manifest.json")
+    write_manifest(head_manifest, args.out / "detector.manifest.json")
     (args.out / "config.json").write_text(json.dumps(dict(SIZES, image=list(IMAGE)), indent=1) + "\n")
     print(f"wrote {args.out}; top-{n1} proposal score margin {margin:.2e}")
 
