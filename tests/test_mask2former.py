@@ -19,6 +19,7 @@ from heads.mask2former import (
     semantic_to_targets,
 )
 from heads.ops import MSDeformAttn, average_over_processes, ms_deform_attn_core
+from heads.ops.ms_deform_attn import ms_deform_attn_grid_sample
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -108,6 +109,34 @@ def test_ms_deform_attn_core_matches_naive_loop_and_transformers():
                         expected[bi, q, mi] += wts[bi, q, mi, lvl, pi] * naive_bilinear(img, x, y)
     torch.testing.assert_close(out, expected.view(b, lq, m * d))
     torch.testing.assert_close(out, multi_scale_deformable_attention(value, shapes, loc, wts))
+
+
+def test_ms_deform_attn_gather_equals_grid_sample_with_gradients():
+    """The gather-sum op equals the per-level grid_sample op: values and the gradients of value, locations, weights,
+    with points inside, just outside, far outside (one corner in, or none); on a pixel centre (a kink of bilinear
+    interpolation, where the location gradient depends on the last bit of rounding) the values."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(5, 7), (3, 4), (2, 2)]
+    b, m, d, lq, p = 2, 3, 4, 6, 3
+    value = torch.randn(b, sum(h * w for h, w in shapes), m, d, generator=g, requires_grad=True)
+    loc = torch.rand(b, lq, m, len(shapes), p, 2, generator=g) * 1.6 - 0.3
+    loc[0, 0, 0, :, 0] = torch.tensor([-3.0, 5.0])  # far outside: reads nothing
+    loc[1, 2, 1, 1, 1] = torch.tensor([-0.1, 1.05])  # one corner inside
+    loc.requires_grad_()
+    wts = torch.rand(b, lq, m, len(shapes), p, generator=g).requires_grad_()
+    grad = torch.randn(b, lq, m * d, generator=g)
+    results = []
+    for fn in (ms_deform_attn_core, ms_deform_attn_grid_sample):
+        out = fn(value, shapes, loc, wts)
+        results.append((out, *torch.autograd.grad(out, (value, loc, wts), grad)))
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    assert results[0][1].abs().sum() > 0 and results[0][2].abs().sum() > 0
+    with torch.no_grad():
+        loc[0, 1, 0, 0, 0] = torch.tensor([0.5 / 7, 2.5 / 5])  # a pixel centre
+        loc[0, 1, 0, 1, 0] = torch.tensor([0.0, 1.0])  # the map's corner
+        torch.testing.assert_close(ms_deform_attn_core(value, shapes, loc, wts),
+                                   ms_deform_attn_grid_sample(value, shapes, loc, wts), atol=1e-5, rtol=1e-5)
 
 
 def test_ms_deform_attn_box_reference_and_grad():

@@ -2,11 +2,25 @@
 
 Every query looks at ``num_points`` sampled locations per head and per level around its reference
 point; the locations are offsets predicted from the query, the values are read by bilinear
-interpolation (``grid_sample``) and mixed with softmax attention weights also predicted from the
-query. No CUDA extension: this runs on CPU and GPU alike.
+interpolation and mixed with softmax attention weights also predicted from the query. No CUDA
+extension: this runs on CPU and GPU alike.
 
 Coordinates are normalised to ``[0, 1]`` with ``(x, y)`` order and ``align_corners=False``
-semantics: ``(j + 0.5) / W`` is the centre of pixel column ``j``.
+semantics: ``(j + 0.5) / W`` is the centre of pixel column ``j``; a corner outside the map reads 0
+(``grid_sample``'s ``padding_mode="zeros"``).
+
+Two implementations of the same function:
+
+- ``ms_deform_attn_core`` (training and inference): the attention weight of each point is folded
+  into its 4 bilinear corner weights, and one weighted gather-sum (``F.embedding_bag``) over the
+  ``(B * S * M, D)`` value table reads all levels, points and corners at once; out-of-map corners
+  get weight 0. Its backward (``_GatherSum``) scatters the value gradient with one counting sort of
+  the corner indices and one more ``embedding_bag``, instead of ``embedding_bag``'s own sorting
+  backward.
+- ``ms_deform_attn_grid_sample``: one ``grid_sample`` per level, then the weighted sum (the algorithm
+  of Deformable DETR's and Hugging Face's pure-PyTorch path). Used while exporting (``torch.export`` /
+  ONNX): the ONNX exporter lowers ``embedding_bag`` to a ``Loop`` with one iteration per bag (per query
+  and head), where ``GridSample`` is one ONNX op. Also the reference of the tests.
 """
 
 from __future__ import annotations
@@ -26,23 +40,13 @@ def as_size(value) -> int:
     return value if isinstance(value, (int, torch.SymInt)) else int(value)
 
 
-def ms_deform_attn_core(
+def ms_deform_attn_grid_sample(
     value: Tensor,
     spatial_shapes: list[tuple[int, int]],
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    """Bilinearly sample every level and mix the samples with the attention weights.
-
-    Args:
-        value: ``(B, S, M, D)`` per-head values of all levels flattened, ``S = sum(h_l * w_l)``.
-        spatial_shapes: ``[(h_l, w_l)]`` for the ``L`` levels, in the order they are flattened.
-        sampling_locations: ``(B, Lq, M, L, P, 2)`` normalised ``(x, y)`` in ``[0, 1]``.
-        attention_weights: ``(B, Lq, M, L, P)``, summing to 1 over ``(L, P)``.
-
-    Returns:
-        ``(B, Lq, M * D)``.
-    """
+    """``ms_deform_attn_core`` with one ``grid_sample`` per level (same arguments, same result)."""
     b, _, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
     sizes = [h * w for h, w in spatial_shapes]
@@ -60,6 +64,95 @@ def ms_deform_attn_core(
     weights = attention_weights.transpose(1, 2).reshape(b * m, 1, lq, num_levels * num_points)
     out = (sampled * weights).sum(-1)  # (B*M, D, Lq)
     return out.view(b, m * d, lq).transpose(1, 2).contiguous()
+
+
+class _GatherSum(torch.autograd.Function):
+    """``out[n] = sum_k weights[n, k] * table[rows[n, k]]``: ``table (R, D)``, ``rows``, ``weights (N, K)`` -> ``(N, D)``.
+
+    Gradients for ``table`` and ``weights``. The table gradient is the transposed gather-sum: the
+    ``(n, k)`` pairs are grouped by row with one stable sort of the (integer) row indices, then one
+    ``embedding_bag`` sums ``weights * grad[n]`` per row.
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(table, rows, weights)
+        return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        table, rows, weights = ctx.saved_tensors
+        n, k = rows.shape
+        flat = rows.reshape(-1)
+        grad_table = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            order = flat.argsort(stable=True)
+            starts = torch.zeros(table.shape[0], dtype=flat.dtype, device=flat.device)
+            torch.cumsum(torch.bincount(flat, minlength=table.shape[0])[:-1], 0, out=starts[1:])
+            grad_table = F.embedding_bag(torch.div(order, k, rounding_mode="floor"), grad.to(table.dtype), starts.long(),
+                                         per_sample_weights=weights.reshape(-1).index_select(0, order), mode="sum")
+        if ctx.needs_input_grad[2]:
+            flat = flat.long()
+            offsets = torch.arange(0, n * k, k, device=flat.device)
+            bags = torch.arange(n, device=flat.device).repeat_interleave(k)
+            grad_weights = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad.to(table.dtype), table, flat, offsets, bags, 0).view(n, k)
+        return grad_table, None, grad_weights
+
+
+def ms_deform_attn_core(
+    value: Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Bilinearly sample every level and mix the samples with the attention weights.
+
+    Args:
+        value: ``(B, S, M, D)`` per-head values of all levels flattened, ``S = sum(h_l * w_l)``.
+        spatial_shapes: ``[(h_l, w_l)]`` for the ``L`` levels, in the order they are flattened.
+        sampling_locations: ``(B, Lq, M, L, P, 2)`` normalised ``(x, y)`` in ``[0, 1]``.
+        attention_weights: ``(B, Lq, M, L, P)``, summing to 1 over ``(L, P)``.
+
+    Returns:
+        ``(B, Lq, M * D)``.
+    """
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return ms_deform_attn_grid_sample(value, spatial_shapes, sampling_locations, attention_weights)
+    b, s, m, d = value.shape
+    _, lq, _, num_levels, num_points, _ = sampling_locations.shape
+    device, dtype = value.device, sampling_locations.dtype
+    num_rows = b * s * m
+    index = torch.int32 if 3 * num_rows < 2**31 else torch.int64  # corner rows stay below 2 * num_rows
+    wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=dtype, device=device)  # (L, 2)
+    pixel = sampling_locations * wh[:, None, :] - 0.5  # (B, Lq, M, L, P, 2) in pixels of each level
+    with torch.no_grad():
+        floor = pixel.floor()
+        # beyond one pixel outside the map nothing is read: clamping there keeps the integers small
+        corner = torch.minimum(floor.clamp(min=-2.0), wh[:, None, :]).to(index)  # top-left corner (x0, y0)
+        # x0 and x0 + 1 inside [0, w): (..., 2) for x and y each
+        inside0 = (corner >= 0) & (corner < wh[:, None, :].to(index))
+        inside1 = (corner >= -1) & (corner < wh[:, None, :].to(index) - 1)
+        level_start = torch.tensor([0] + [h * w for h, w in spatial_shapes][:-1], device=device).cumsum(0).to(index)
+        width = wh[:, 0].to(index)
+        top_left = level_start[:, None] + corner[..., 1] * width[:, None] + corner[..., 0]  # (B, Lq, M, L, P)
+        top_left = (top_left + torch.arange(b, device=device, dtype=index)[:, None, None, None, None] * s) * m
+        top_left = top_left + torch.arange(m, device=device, dtype=index)[:, None, None]
+        corner_step = torch.stack([torch.zeros_like(width), torch.ones_like(width), width, width + 1], -1) * m  # (L, 4)
+        rows = (top_left[..., None] + corner_step[:, None, :]).clamp_(0, num_rows - 1)  # (B, Lq, M, L, P, 4)
+    frac = pixel - floor
+    fx, fy = frac.unbind(-1)
+    wx = torch.stack([(1 - fx) * inside0[..., 0], fx * inside1[..., 0]], -1)  # (B, Lq, M, L, P, 2)
+    wy = torch.stack([(1 - fy) * inside0[..., 1], fy * inside1[..., 1]], -1) * attention_weights[..., None]
+    weights = (wy[..., :, None] * wx[..., None, :]).reshape(b * lq * m, -1).to(value.dtype)  # corners (y, x) row-major
+    rows = rows.view(b * lq * m, -1)
+    table = value.reshape(num_rows, d)
+    if torch.is_grad_enabled() and (table.requires_grad or weights.requires_grad):
+        out = _GatherSum.apply(table, rows, weights)
+    else:
+        out = F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+    return out.view(b, lq, m * d)
 
 
 class MSDeformAttn(nn.Module):
