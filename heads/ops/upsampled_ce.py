@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-CHUNK_ELEMENTS = 1 << 20  # floats of logits per chunk (4 MiB): rows per chunk = this / (B * K * W)
+CHUNK_ELEMENTS = 1 << 20  # floats of logits per chunk on a CPU (4 MiB, cache-sized): rows = this / (B * K * W)
+DEVICE_CHUNK_ELEMENTS = 1 << 26  # on an accelerator (256 MiB): fewer, larger kernels
 
 
 def bilinear_weights(size_in: int, size_out: int, device=None) -> torch.Tensor:
@@ -46,8 +47,9 @@ class _UpsampledCE(torch.autograd.Function):
         height, width = mask.shape[-2:]
         x = logits.float()
         weights_w = bilinear_weights(x.shape[-1], width, x.device)
-        weights_h = bilinear_weights(height_in, height, x.device)
-        wide = (x.permute(2, 0, 1, 3) @ weights_w.t()).contiguous()  # (h, B, K, W): a chunk's input rows are one matrix
+        rows_h = bilinear_weights(height_in, height)  # on the host: the chunks' input rows are read without syncs
+        weights_h = rows_h.to(x.device)
+        wide = (x.permute(2, 0, 1, 3) @ weights_w.t()).contiguous()  # (h, B, K, W): input rows are matrices
         valid = mask != ignore_index
         count = valid.sum() if avg_non_ignore else torch.tensor(mask.numel(), device=mask.device)
         labels = torch.where(valid, mask, 0).long().transpose(0, 1)[:, :, None]  # (H, B, 1, W)
@@ -56,8 +58,9 @@ class _UpsampledCE(torch.autograd.Function):
         grad_wide = torch.zeros_like(wide) if need_grad else None
         inv_count = 1.0 / count.clamp(min=1).double()
         total = x.new_zeros((), dtype=torch.float64)
-        step = rows or max(1, CHUNK_ELEMENTS // max(1, batch * classes * width))
-        nonzero_cols = weights_h.ne(0)
+        chunk = CHUNK_ELEMENTS if x.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+        step = rows or max(1, chunk // max(1, batch * classes * width))
+        nonzero_cols = rows_h.ne(0)
         for top in range(0, height, step):
             bottom = min(height, top + step)
             used = nonzero_cols[top:bottom].any(0).nonzero()[:, 0]
@@ -95,7 +98,8 @@ def upsampled_cross_entropy(logits: torch.Tensor, mask: torch.Tensor, ignore_ind
     """Mean cross-entropy of ``logits (B, K, h, w)`` upsampled (bilinear, ``align_corners=False``) to the size of
     ``mask (B, H, W)``, over labelled pixels (``avg_non_ignore``) or over all ``B * H * W`` pixels (Meta's).
 
-    Labels must be ``0..K-1`` or ``ignore_index``. ``rows``: output rows per chunk (default: about 4 MiB of logits).
+    Labels must be ``0..K-1`` or ``ignore_index``. ``rows``: output rows per chunk (default: about 4 MiB of logits
+    on a CPU, 256 MiB on an accelerator).
     A batch without labelled pixels gives 0 (gradient 0).
     """
     if logits.dim() != 4 or mask.dim() != 3 or logits.shape[0] != mask.shape[0]:
