@@ -125,7 +125,7 @@ def sampled_cross_entropy(logits: torch.Tensor, mask: torch.Tensor, points: int,
     """
     if points < 1:
         raise ValueError(f"points must be >= 1, got {points}")
-    batch, _, height, width = *mask.shape[:1], *logits.shape[1:2], *mask.shape[-2:]
+    batch, (height, width) = mask.shape[0], mask.shape[-2:]
     valid = (mask != ignore_index).reshape(batch, -1)
     counts = valid.sum(1)
     picks = []
