@@ -6,7 +6,9 @@ A step is what ``DenseTask.training_step`` runs: the frozen backbone's forward o
 head(s) forward and loss, backward, an AdamW step. ``cls``: linear classifiers (1000 classes, class token + mean
 patch token; Meta's ImageNet protocol, 224 px); ``seg``: linear segmentation heads (150 classes, loss at full
 resolution; 512 px). The 13 heads are Meta's learning-rate grid (``conf/sweep/lr.yaml``). The last line is the
-ratio of the sweep's step time to the single head's.
+ratio of the sweep's step time to the single head's. For ``seg`` the heads' default loss (every pixel, exact) is
+timed, and, with ``--points N`` (default 4096; 0: skip), the same pair of steps with the loss estimated on N
+sampled pixels per image (``head.loss_points=N``, not a default of any recipe), each ratio on its own line.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="image size (default 224 for cls, 512 for seg)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--points", type=int, default=4096,
+                        help="seg: also time the heads with head.loss_points=N (0: only the exact loss)")
     args = parser.parse_args()
     device = torch.device(args.device)
     size = args.size or (224 if args.task == "cls" else 512)
@@ -69,14 +73,21 @@ def main() -> None:
         batch = {"mask": torch.randint(0, num_classes, (args.batch_size, size, size), device=device)}
     batch["image"] = torch.randn(args.batch_size, 3, size, size, device=device)
     batch["meta"] = [{} for _ in range(args.batch_size)]
-    kwargs = dict(backbone=backbone, head=head, optim={"lr": 1e-3}, num_classes=num_classes)
-    single = plain_cls(**kwargs).to(device)
-    swept = sweep_task(targets, sweep={"lr": list(META_LEARNING_RATES)}, **kwargs).to(device)
-    one = step_time(single, batch, device, args.iters)
-    many = step_time(swept, batch, device, args.iters)
     print(f"{args.backbone}, {args.task}, {size} px, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads")
-    print(f"one head: {one * 1000:.0f} ms/step | {len(swept.head.heads)} heads: {many * 1000:.0f} ms/step")
-    print(f"sweep cost {len(swept.head.heads)} heads vs 1: {many / one:.2f}x")
+    variants = [("", head)]
+    if args.task == "seg" and args.points:
+        variants.insert(0, (f" (loss on {args.points} points)", {**head, "loss_points": args.points}))
+    lines = []
+    for label, head_config in variants:
+        kwargs = dict(backbone=backbone, head=head_config, optim={"lr": 1e-3}, num_classes=num_classes)
+        single = plain_cls(**kwargs).to(device)
+        swept = sweep_task(targets, sweep={"lr": list(META_LEARNING_RATES)}, **kwargs).to(device)
+        one = step_time(single, batch, device, args.iters)
+        many = step_time(swept, batch, device, args.iters)
+        heads = len(swept.head.heads)
+        print(f"one head{label}: {one * 1000:.0f} ms/step | {heads} heads: {many * 1000:.0f} ms/step")
+        lines.append(f"sweep cost {heads} heads vs 1{label}: {many / one:.2f}x")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

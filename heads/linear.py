@@ -65,14 +65,17 @@ class LinearSegHead(nn.Module):
         dropout: ``Dropout2d`` rate before BatchNorm.
         loss, loss_weights, avg_non_ignore, loss_options: the per-pixel loss, see ``heads.seg_losses.SegLoss``
             (default: cross-entropy averaged over labelled pixels; Meta's recipe averages over all pixels).
+        loss_points: 0 (default, every recipe's): the loss over every pixel at full resolution; N > 0: the
+            cross-entropy estimated from N labelled pixels per image (``SegLoss(points=N)``, unbiased, faster).
 
     ``output_stride``: the logits' grid is the first map's (``strides[0]``); ``predict_native`` gives them there.
     """
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int, dropout: float = 0.1,
-                 loss="ce", loss_weights=None, avg_non_ignore: bool = True, loss_options=None):
+                 loss="ce", loss_weights=None, avg_non_ignore: bool = True, loss_options=None, loss_points: int = 0):
         super().__init__()
-        self.criterion = SegLoss(loss, loss_weights, avg_non_ignore=avg_non_ignore, loss_options=loss_options)
+        self.criterion = SegLoss(loss, loss_weights, avg_non_ignore=avg_non_ignore, loss_options=loss_options,
+                                 points=loss_points)
         channels = sum(in_channels)
         self.output_stride = int(strides[0])
         self.dropout = nn.Dropout2d(dropout)

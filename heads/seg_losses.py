@@ -8,6 +8,12 @@ pixels labelled ``ignore_index`` (255). The region losses are segmentation_model
 - ``avg_non_ignore=True`` (ours, the default): the mean over labelled pixels.
 - ``avg_non_ignore=False`` (Meta's linear-seg recipe, mmseg's default): the sum over labelled pixels divided by
   *all* pixels of the mask, ignored ones included, so images with many ignored pixels weigh less.
+
+Cross-entropy alone on logits smaller than the mask runs fused with the bilinear upsampling
+(``heads.ops.upsampled_ce.upsampled_cross_entropy``: the same value and gradient, up to float rounding, without
+the full-resolution logits in memory). ``points=N`` (not the default of any recipe) replaces it by an unbiased
+estimate from N labelled pixels per image (``sampled_cross_entropy``): the same expected loss and gradient,
+``B * K * N`` work instead of ``B * K * H * W``, plus sampling noise.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch import losses as smp_losses
 from torch import nn
+
+from .ops.upsampled_ce import sampled_cross_entropy, upsampled_cross_entropy
 
 IGNORE_INDEX = 255
 
@@ -74,6 +82,8 @@ class SegLoss(nn.Module):
         ignore_index: label of unlabelled pixels, skipped by every term.
         avg_non_ignore: cross-entropy average over labelled pixels (True) or over all pixels (False, Meta).
         loss_options: per-name keyword arguments of the smp classes, e.g. ``{"focal": {"gamma": 3.0}}``.
+        points: 0 (default): every pixel. N > 0 (``loss`` must be ``ce`` alone): cross-entropy estimated from N
+            labelled pixels drawn per image, an unbiased estimate of the full loss (see the module docstring).
 
     ``forward(logits (B, K, h, w), mask (B, H, W))``: logits are resized (bilinear) to the mask size first;
     returns ``{"loss_<name>": weight * value}``. A batch without labelled pixels gives zeros (with gradients).
@@ -81,7 +91,8 @@ class SegLoss(nn.Module):
 
     def __init__(self, loss: str | Sequence[str] | Mapping[str, float] = "ce",
                  loss_weights: Sequence[float] | Mapping[str, float] | None = None, ignore_index: int = IGNORE_INDEX,
-                 avg_non_ignore: bool = True, loss_options: Mapping[str, Mapping] | None = None):
+                 avg_non_ignore: bool = True, loss_options: Mapping[str, Mapping] | None = None,
+                 points: int = 0):
         super().__init__()
         if isinstance(loss, Mapping):
             if loss_weights is not None:
@@ -107,16 +118,25 @@ class SegLoss(nn.Module):
             raise ValueError(f"loss_options for {sorted(set(options) - set(names))}, which are not in loss={names}")
         if "ce" in options:
             raise ValueError("cross-entropy takes no loss_options (use avg_non_ignore)")
+        if points < 0 or (points and names != ["ce"]):
+            raise ValueError(f"points={points}: must be >= 0, and > 0 only with loss=ce alone (got loss={names})")
         self.names, self.weights, self.ignore_index = names, weights, ignore_index
+        self.avg_non_ignore, self.points = avg_non_ignore, int(points)
         self.terms = nn.ModuleDict({
             n: CrossEntropy(ignore_index, avg_non_ignore) if n == "ce" else SMP_LOSSES[n](ignore_index, **options.get(n, {}))
             for n in names})
 
     def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not (mask != self.ignore_index).any():
+            zero = logits.float().sum() * 0.0
+            return {f"loss_{n}": zero for n in self.names}
+        if self.points:
+            ce = sampled_cross_entropy(logits, mask, self.points, self.ignore_index, self.avg_non_ignore)
+            return {"loss_ce": self.weights[0] * ce}
+        if self.names == ["ce"] and logits.shape[-2:] != mask.shape[-2:]:
+            ce = upsampled_cross_entropy(logits, mask, self.ignore_index, self.avg_non_ignore)
+            return {"loss_ce": self.weights[0] * ce}
         if logits.shape[-2:] != mask.shape[-2:]:
             logits = F.interpolate(logits, mask.shape[-2:], mode="bilinear", align_corners=False)
         logits = logits.float()
-        if not (mask != self.ignore_index).any():
-            zero = logits.sum() * 0.0
-            return {f"loss_{n}": zero for n in self.names}
         return {f"loss_{n}": w * self.terms[n](logits, mask) for n, w in zip(self.names, self.weights)}
