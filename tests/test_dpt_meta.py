@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from backbones.features import Features
 from backbones.registry import get_spec
 from heads.depth_losses import SiLogLoss
 from heads.dpt.meta_checkpoint import CHMV2, DEPTHER
 from heads.linear_depth import LinearDepthHead
+from reference_arrays import load_arrays  # noqa: E402
 from seeded_weights import read_manifest, state_dict_from
 from tasks.loading import build_head, load_predictor
 from tasks.meta_heads import detect_format, load_head_weights
@@ -79,7 +79,7 @@ def dpt(dpt_file):
 
 @pytest.fixture(scope="module")
 def dpt_tensors():
-    return load_file(str(FIXTURES / "dpt_vits16.safetensors"))
+    return load_arrays(FIXTURES / "dpt_vits16.npz")
 
 
 # ------------------------------------------------------------------------------------------------ the depther
@@ -133,7 +133,7 @@ def test_chmv2_head_equals_meta(chmv2_file):
     head, meta = meta_head(chmv2_file, CHMV2, "vitl16")
     assert meta.out_indices == [5, 11, 17, 23]
     assert head.readout == "project" and head.fusion_conv is None
-    t = load_file(str(FIXTURES / "chmv2.safetensors"))
+    t = load_arrays(FIXTURES / "chmv2.npz")
     with torch.no_grad():
         out = head(features(t, "", (48, 80)), (48, 80))
     torch.testing.assert_close(out["logits"][:, ::8], t["logits"], atol=ATOL, rtol=0)
@@ -153,7 +153,7 @@ def test_formats_are_told_apart(dpt_file, chmv2_file):
 
 def test_linear_depth_head_equals_meta():
     """Meta's linear probe (BatchNorm + 1x1 conv, 256 bins over [0.001, 10] m) on the patch grid."""
-    t = load_file(str(FIXTURES / "linear.safetensors"))
+    t = load_arrays(FIXTURES / "linear.npz")
     head = LinearDepthHead([384], [16]).eval()
     names = {"batchnorm_layer": "batchnorm", "conv_depth": "conv"}
     meta_state = state_dict_from(read_manifest(FIXTURES / "linear.manifest.json"))  # Meta's LinearHead keys
@@ -170,7 +170,7 @@ def test_linear_depth_head_equals_meta():
 # -------------------------------------------------------------------------------------- loss, metrics, schedule
 @pytest.fixture(scope="module")
 def lm():
-    return load_file(str(FIXTURES / "losses_metrics.safetensors"))
+    return load_arrays(FIXTURES / "losses_metrics.npz")
 
 
 def test_silog_unbiased_with_warmup_equals_meta(lm):

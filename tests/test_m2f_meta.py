@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from backbones import build_backbone
 from backbones.features import Features
@@ -22,6 +21,7 @@ from tasks import SegmentationTask, load_predictor
 from tasks.loading import _load_head_tensors, build_head
 from tasks.meta_heads import read_meta_file
 from tasks.predictor import ExportError
+from reference_arrays import load_arrays  # noqa: E402
 from seeded_weights import read_manifest, state_dict_from
 
 FIXTURES = Path(__file__).parent / "fixtures" / "meta" / "m2f_adapter"
@@ -47,7 +47,7 @@ def backbone_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def io():
-    return load_file(str(FIXTURES / "io.safetensors"))
+    return load_arrays(FIXTURES / "io.npz")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 from backbones.features import Features  # noqa: E402
@@ -26,6 +25,7 @@ from tasks.loading import build_head  # noqa: E402
 from tasks.meta_heads import detect_format, read_meta_file  # noqa: E402
 from tasks.predictor import ExportError, Predictor  # noqa: E402
 from tasks.tta import TTA, average_views, make_views, to_probs, tta_inference  # noqa: E402
+from reference_arrays import load_arrays  # noqa: E402
 from seeded_weights import read_manifest, state_dict_from  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "meta" / "linear"
@@ -52,7 +52,7 @@ def seg_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data():
-    return load_file(str(FIXTURES / "linear.safetensors"))
+    return load_arrays(FIXTURES / "linear.npz")
 
 
 @pytest.fixture(scope="module")

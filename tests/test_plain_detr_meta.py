@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,6 +17,7 @@ from heads.detr.meta_checkpoint import META_DETECTOR  # noqa: E402
 from tasks import load_predictor  # noqa: E402
 from tasks.predictor import ExportError  # noqa: E402
 
+from reference_arrays import load_arrays  # noqa: E402
 from seeded_weights import read_manifest, state_dict_from  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "meta" / "detr"
@@ -36,7 +36,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def io():
-    return load_file(str(FIXTURES / "io.safetensors"))
+    return load_arrays(FIXTURES / "io.npz")
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ released file, which then goes through our converters. What is written to ``test
   (``dinov3_vit7b16_dd``: flat ``DPTHead`` keys, BatchNorm, bias-free residual convs, post-fusion conv), built by
   Meta's ``build_depther`` on a random ViT-S/16 (layers 2, 5, 8, 11, backbone norm on), small widths (channels 32,
   post [24, 48, 96, 96]), 256 bins over [0.001, 100] m; BatchNorm statistics and affine parameters seeded.
-- ``dpt_vits16.safetensors``: per input size (64x64 batch 2, 48x80, and 40x72 which Meta centre-pads to 48x80):
+- ``dpt_vits16.npz``: per input size (64x64 batch 2, 48x80, and 40x72 which Meta centre-pads to 48x80):
   the image, Meta's centre-padded image, the encoder output (4 patch maps + class tokens), every 32nd of the decoder's
   logits (not at 40x72) and Meta's depth (``FeaturesToDepth``), all in float32 without autocast.
-- ``chmv2.manifest.json`` / ``chmv2.safetensors``: the CHMv2 head layout (readout ``project``, biased residual
+- ``chmv2.manifest.json`` / ``chmv2.npz``: the CHMv2 head layout (readout ``project``, biased residual
   convs, hidden 128, no post-fusion conv, mixlog bins over [0.001, 96]) on random 64-channel features.
-- ``linear.manifest.json`` / ``linear.safetensors``: Meta's linear depth head (``LinearHead``: BatchNorm + 1x1 conv
+- ``linear.manifest.json`` / ``linear.npz``: Meta's linear depth head (``LinearHead``: BatchNorm + 1x1 conv
   to 256 bins, no class token; its state dict keys) and its depth over [0.001, 10] m on a random 384-channel 3x5 map.
-- ``losses_metrics.safetensors``: Meta's ``SigLoss`` (warm-up of 3 calls) over 5 calls; Meta's depth metrics per
+- ``losses_metrics.npz``: Meta's ``SigLoss`` (warm-up of 3 calls) over 5 calls; Meta's depth metrics per
   image (``calculate_depth_metrics`` with the NYU Eigen mask at 60x80, ground truth >= max dropped, with and
   without least-squares alignment); Meta's ``WarmupOneCycleLR`` learning rate and beta1 over 60 steps.
 
@@ -37,9 +37,10 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # seeded_weights, reference_arrays
+from reference_arrays import save_arrays  # noqa: E402
 OUT = ROOT / "tests" / "fixtures" / "meta" / "depth"
 SIZES = {"64x64": (2, 64, 64), "48x80": (1, 48, 80), "40x72": (1, 40, 72)}
 
@@ -93,7 +94,7 @@ def dpt_fixture(out: Path) -> None:
             if name != "40x72":  # its test compares the depth only
                 tensors[f"{name}.logits"] = logits[:, ::32].contiguous()  # every 32nd bin: keeps the file small
             tensors[f"{name}.depth"] = depth
-    save_file(tensors, str(out / "dpt_vits16.safetensors"))
+    save_arrays(tensors, out / "dpt_vits16.npz")
 
 
 def chmv2_fixture(out: Path) -> None:
@@ -114,7 +115,7 @@ def chmv2_fixture(out: Path) -> None:
         for i, (patches, cls) in enumerate(inputs):
             tensors[f"map{i}"], tensors[f"cls{i}"] = patches, cls
         tensors["logits"], tensors["depth"] = logits[:, ::8].contiguous(), to_depth(logits)
-    save_file(tensors, str(out / "chmv2.safetensors"))
+    save_arrays(tensors, out / "chmv2.npz")
 
 
 def linear_fixture(out: Path) -> None:
@@ -131,7 +132,7 @@ def linear_fixture(out: Path) -> None:
         logits = head([(patches, cls)])
     to_depth = FeaturesToDepth(0.001, 10.0)
     tensors = {"map": patches, "cls": cls, "logits": logits, "depth": to_depth(logits)}
-    save_file(tensors, str(out / "linear.safetensors"))
+    save_arrays(tensors, out / "linear.npz")
 
 
 def losses_metrics_fixture(out: Path) -> None:
@@ -184,7 +185,7 @@ def losses_metrics_fixture(out: Path) -> None:
         scheduler.step()
     tensors["schedule.lr"] = torch.tensor(lrs, dtype=torch.float64)
     tensors["schedule.beta1"] = torch.tensor(betas, dtype=torch.float64)
-    save_file(tensors, str(out / "losses_metrics.safetensors"))
+    save_arrays(tensors, out / "losses_metrics.npz")
 
 
 def main() -> None:
@@ -195,7 +196,6 @@ def main() -> None:
     if not args.meta_repo or not Path(args.meta_repo, "dinov3").is_dir():
         sys.exit(f"--meta-repo must point at a dinov3 checkout (got {args.meta_repo!r})")
     sys.path.insert(0, str(Path(args.meta_repo).resolve()))
-    sys.path.insert(0, str(ROOT / "tests"))  # seeded_weights
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dpt_fixture(out)

@@ -6,7 +6,7 @@ manifest (``tests/seeded_weights.py``: key, shape, dtype and a seed), and the te
 it and ``torch.save`` it into a temporary file in the layout of Meta's released file before converting it.
 
 - ``classifier_head.manifest.json``: Meta's classifier head file (``nn.Linear(2 * 384, 10)`` state dict, saved flat
-  as ``classifier_head.pth``), and in ``linear.safetensors`` a 64x64 image, the ``x_norm_clstoken`` /
+  as ``classifier_head.pth``), and in ``linear.npz`` a 64x64 image, the ``x_norm_clstoken`` /
   ``x_norm_patchtokens`` of a random ViT-S/16 (``dinov3_vits16(pretrained=False)``) and the logits of Meta's hub
   wrapper (``_LinearClassifierWrapper``).
 - ``model_final.manifest.json``: what Meta's linear segmentation training saves as ``model_final.pth`` (``{"model":
@@ -26,7 +26,7 @@ Rerun (about 10 s on a CPU)::
 
     # fetch github:facebookresearch/dinov3 at commit 6876159, e.g. git clone + git checkout 6876159
     pip install pandas omegaconf termcolor   # imported by Meta's modules
-    DINOV3_REPO=/path/to/dinov3 python tools/meta_fixtures/linear_heads.py [--out tests/fixtures/meta/linear]
+    OMP_NUM_THREADS=1 DINOV3_REPO=/path/to/dinov3 python tools/meta_fixtures/linear_heads.py [--out tests/fixtures/meta/linear]
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # seeded_weights, reference_arrays
+from reference_arrays import save_arrays  # noqa: E402
 SEED = 0
 CHANNELS, CLASSES = 64, 6
 SLIDE_CASES = {"small": ((52, 76), 64, 43), "one_side": ((52, 150), 64, 43), "large": ((90, 130), 64, 43)}
@@ -90,7 +91,6 @@ def main() -> None:
     if not args.meta_repo or not (Path(args.meta_repo) / "dinov3").is_dir():
         sys.exit("pass --meta-repo PATH (or DINOV3_REPO) pointing at a checkout of facebookresearch/dinov3")
     sys.path.insert(0, str(Path(args.meta_repo).resolve()))
-    sys.path.insert(0, str(ROOT / "tests"))  # seeded_weights
     from dinov3.eval.segmentation.inference import make_inference, slide_inference
     from dinov3.eval.segmentation.models import FeatureDecoder
     from dinov3.eval.segmentation.models.heads.linear_head import LinearHead
@@ -170,7 +170,7 @@ def main() -> None:
                    "stride": TTA_STRIDE, "view_sizes": [list(v.shape[-2:]) for v in views],
                    "view_order": "all ratios, then their mirrors (stored: the plain views)"}
 
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "linear.safetensors"))
+    save_arrays(tensors, out / "linear.npz")
     (out / "info.json").write_text(json.dumps(info, indent=1))
     print(f"wrote {out}: " + ", ".join(f"{p.name} {p.stat().st_size // 1024} KiB" for p in sorted(out.iterdir())))
 

@@ -19,7 +19,7 @@ of Meta's files before reading them through our loaders.
   ``segmentor.manifest.json``;
 - every parameter and BatchNorm statistic is seeded (trained-like magnitudes: ``1/sqrt(fan_in)`` matrices, norm
   scales and variances in [0.5, 1.5], small biases), so that no layer is an identity as it is at init;
-- ``io.safetensors``: ``images`` (2, 3, 64, 96), the adapter levels ``level1..level4``, the head's
+- ``io.npz``: ``images`` (2, 3, 64, 96), the adapter levels ``level1..level4``, the head's
   ``pred_logits`` / ``pred_masks`` (eval mode) and, for the first image, ``probs`` =
   ``softmax(logits)[..., :-1]`` x ``sigmoid(masks resized to the image)`` summed over queries, as Meta's
   segmentation eval computes it.
@@ -41,9 +41,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # seeded_weights, reference_arrays
+from reference_arrays import save_arrays  # noqa: E402
 OUT = ROOT / "tests" / "fixtures" / "meta" / "m2f_adapter"
 SEED = 0
 IMAGE_SIZE = (64, 96)
@@ -75,7 +76,6 @@ def main() -> None:
     if not args.meta_repo:
         parser.error("pass --meta-repo PATH or set DINOV3_REPO")
     sys.path.insert(0, str(Path(args.meta_repo).resolve()))
-    sys.path.insert(0, str(ROOT / "tests"))  # seeded_weights
     warnings.filterwarnings("ignore")
 
     from dinov3.eval.segmentation.models import FeatureDecoder
@@ -122,7 +122,7 @@ def main() -> None:
 
     tensors = {"images": images, "pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"], "probs": probs}
     tensors.update({f"level{i}": levels[str(i)] for i in range(1, 5)})
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(args.out / "io.safetensors"))
+    save_arrays(tensors, args.out / "io.npz")
     for f in sorted(args.out.iterdir()):
         print(f"{f}: {f.stat().st_size / 1e6:.2f} MB")
     state = {k: v for k, v in model.state_dict().items() if ".backbone." not in k}

@@ -9,7 +9,7 @@ layers, 25 + 25 queries. Writes to ``tests/fixtures/meta/detr/``:
   periods and the qkv bias masks literal); ``detector.manifest.json``: the detector without the backbone, Meta's released key layout
   (``dinov3_vit7b16_coco2017_detr_head-*.pth`` holds ``{"model": state_dict}``; the tests write that file from the
   manifest), one key per tensor (the decoder's aliases of ``class_embed`` / ``bbox_embed`` left out);
-- ``io.safetensors``: input images (2 x 3 x 160 x 208, normalized), Meta's windowed features (the input of
+- ``io.npz``: input images (2 x 3 x 160 x 208, normalized), Meta's windowed features (the input of
   ``input_proj``), outputs of inference (25 queries): final and auxiliary logits / boxes, encoder proposal
   logits / boxes, post-processed top-50 scores / labels / boxes; and of the full query set (25 one-to-one +
   25 one-to-many, masked self-attention) as in training;
@@ -18,7 +18,7 @@ layers, 25 + 25 queries. Writes to ``tests/fixtures/meta/detr/``:
 Rerun (needs torch, torchvision, numpy; Meta's repository at commit 6876159)::
 
     git clone https://github.com/facebookresearch/dinov3 /tmp/dinov3 && git -C /tmp/dinov3 checkout 6876159
-    python tools/meta_fixtures/plain_detr.py --meta-repo /tmp/dinov3
+    OMP_NUM_THREADS=1 python tools/meta_fixtures/plain_detr.py --meta-repo /tmp/dinov3
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from reference_arrays import save_arrays  # noqa: E402
 from seeded_weights import seeded_state_dict, write_manifest  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "meta" / "detr"
@@ -134,8 +134,7 @@ def main() -> None:
         tensors[f"full_{key}"] = full[key]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().float() if v.is_floating_point() else v.contiguous() for k, v in tensors.items()},
-              str(args.out / "io.safetensors"))
+    save_arrays({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, args.out / "io.npz")
     write_manifest(vit_manifest, args.out / "backbone.manifest.json")
     write_manifest(head_manifest, args.out / "detector.manifest.json")
     (args.out / "config.json").write_text(json.dumps(dict(SIZES, image=list(IMAGE)), indent=1) + "\n")

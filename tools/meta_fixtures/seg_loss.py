@@ -1,6 +1,6 @@
 """Write the linear-segmentation loss fixtures of ``tests/test_seg_losses.py`` from Meta's dinov3 code (fixed seed).
 
-What is written to ``tests/fixtures/meta/seg_loss/seg_loss.safetensors``: random logits ``(2, 6, 24, 32)`` at
+What is written to ``tests/fixtures/meta/seg_loss/seg_loss.npz``: random logits ``(2, 6, 24, 32)`` at
 a quarter of the label size and labels ``(2, 96, 128)`` with about 40 % of the pixels ignored (255; one image
 entirely ignored in its bottom half), and the loss of Meta's segmentation training step on them: logits resized
 bilinearly to the labels, then ``MultiSegmentationLoss(celoss_weight=1.0)`` (its ``CrossEntropyLoss`` with
@@ -20,11 +20,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from reference_arrays import save_arrays  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "meta" / "seg_loss"
 
@@ -61,7 +64,7 @@ def main() -> None:
         "loss_meta_all_ignored": meta.CrossEntropyLoss()(resized, torch.full_like(labels, 255)).reshape(1),
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in out.items()}, str(OUT / "seg_loss.safetensors"))
+    save_arrays(out, OUT / "seg_loss.npz")
     print({k: float(v) for k, v in out.items() if k.startswith("loss")}, "->", OUT)
 
 
