@@ -79,3 +79,13 @@ def write_manifest(manifest: dict, path: str | Path) -> None:
 
 def read_manifest(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def write_meta_file(manifest_path: str | Path, folder: str | Path) -> Path:
+    """Save the state dict of ``NAME.manifest.json`` as ``folder/NAME.pth`` in Meta's layout: flat, or inside the
+    wrapper the manifest's optional ``file`` entry names (``{"state_under": "model", "with": {...}}``)."""
+    manifest = read_manifest(manifest_path)
+    state, layout = state_dict_from(manifest), manifest.get("file")
+    path = Path(folder) / (Path(manifest_path).name.removesuffix(".manifest.json") + ".pth")
+    torch.save(state if layout is None else {layout["state_under"]: state, **layout["with"]}, path)
+    return path

@@ -22,7 +22,7 @@ from heads.depth_losses import SiLogLoss
 from heads.dpt.meta_checkpoint import CHMV2, DEPTHER
 from heads.linear_depth import LinearDepthHead
 from reference_arrays import load_arrays  # noqa: E402
-from seeded_weights import read_manifest, state_dict_from
+from seeded_weights import read_manifest, state_dict_from, write_meta_file
 from tasks.loading import build_head, load_predictor
 from tasks.meta_heads import detect_format, load_head_weights
 from tasks.metrics.depth import image_depth_metrics
@@ -34,21 +34,14 @@ FIXTURES = Path(__file__).parent / "fixtures" / "meta" / "depth"
 ATOL = 1e-4
 
 
-def meta_file(tmp_path_factory, name):
-    """Meta's released head file for the manifest ``name``: its state dict, saved flat with ``torch.save``."""
-    path = tmp_path_factory.mktemp("meta_depth") / f"{name}.pth"
-    torch.save(state_dict_from(read_manifest(FIXTURES / f"{name}.manifest.json")), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def dpt_file(tmp_path_factory):
-    return meta_file(tmp_path_factory, "dpt_vits16")
+    return write_meta_file(FIXTURES / "dpt_vits16.manifest.json", tmp_path_factory.mktemp("meta_depth"))
 
 
 @pytest.fixture(scope="module")
 def chmv2_file(tmp_path_factory):
-    return meta_file(tmp_path_factory, "chmv2")
+    return write_meta_file(FIXTURES / "chmv2.manifest.json", tmp_path_factory.mktemp("meta_depth"))
 
 
 def meta_head(path, fmt, backbone):

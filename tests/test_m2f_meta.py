@@ -22,27 +22,20 @@ from tasks.loading import _load_head_tensors, build_head
 from tasks.meta_heads import read_meta_file
 from tasks.predictor import ExportError
 from reference_arrays import load_arrays  # noqa: E402
-from seeded_weights import read_manifest, state_dict_from
+from seeded_weights import write_meta_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "meta" / "m2f_adapter"
 TOL = 1e-4
 
 
-def meta_file(tmp_path_factory, name):
-    """Meta's file ``name``.pth (a flat state dict), rebuilt from its manifest."""
-    path = tmp_path_factory.mktemp("meta_m2f") / f"{name}.pth"
-    torch.save(state_dict_from(read_manifest(FIXTURES / f"{name}.manifest.json")), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def segmentor_file(tmp_path_factory):
-    return meta_file(tmp_path_factory, "segmentor")
+    return write_meta_file(FIXTURES / "segmentor.manifest.json", tmp_path_factory.mktemp("meta_m2f"))
 
 
 @pytest.fixture(scope="module")
 def backbone_file(tmp_path_factory):
-    return meta_file(tmp_path_factory, "backbone")
+    return write_meta_file(FIXTURES / "backbone.manifest.json", tmp_path_factory.mktemp("meta_m2f"))
 
 
 @pytest.fixture(scope="module")

@@ -26,28 +26,19 @@ from tasks.meta_heads import detect_format, read_meta_file  # noqa: E402
 from tasks.predictor import ExportError, Predictor  # noqa: E402
 from tasks.tta import TTA, average_views, make_views, to_probs, tta_inference  # noqa: E402
 from reference_arrays import load_arrays  # noqa: E402
-from seeded_weights import read_manifest, state_dict_from  # noqa: E402
+from seeded_weights import read_manifest, state_dict_from, write_meta_file  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "meta" / "linear"
 
 
-def _meta_file(folder, name):
-    """Meta's file ``name``.pth from its manifest, in the wrapper its ``file`` entry names (``{"model": sd}``)."""
-    manifest = read_manifest(FIXTURES / f"{name}.manifest.json")
-    state, layout = state_dict_from(manifest), manifest.get("file")
-    path = folder / f"{name}.pth"
-    torch.save(state if layout is None else {layout["state_under"]: state, **layout["with"]}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def classifier_file(tmp_path_factory):
-    return _meta_file(tmp_path_factory.mktemp("meta_linear"), "classifier_head")
+    return write_meta_file(FIXTURES / "classifier_head.manifest.json", tmp_path_factory.mktemp("meta_linear"))
 
 
 @pytest.fixture(scope="module")
 def seg_file(tmp_path_factory):
-    return _meta_file(tmp_path_factory.mktemp("meta_linear"), "model_final")
+    return write_meta_file(FIXTURES / "model_final.manifest.json", tmp_path_factory.mktemp("meta_linear"))
 
 
 @pytest.fixture(scope="module")
