@@ -19,6 +19,10 @@ class Features:
             backbone's stride; the maps cover this size, the original image is its top-left corner.
         images: the normalized input ``(B, 3, H, W)`` at ``padded_size``, for heads that also read pixels
             (the ViT-Adapter's convolutional spatial prior); ``None`` when the maps come from elsewhere.
+        padding_mask: ``(B, H, W)`` bool at ``padded_size``, ``True`` on pixels outside each image of a batch of
+            differently sized images padded bottom/right to one size (DETR's mask); ``None``: every pixel is
+            image. Set by the caller that padded the batch (``tasks.detection``); read by
+            ``heads.detr.PlainDETRHead``, ignored by the other heads.
     """
 
     maps: list[torch.Tensor]
@@ -28,3 +32,4 @@ class Features:
     patch_size: int
     padded_size: tuple[int, int] = field(default=(0, 0))
     images: torch.Tensor | None = None
+    padding_mask: torch.Tensor | None = None

@@ -15,12 +15,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TARGETS = ("mask", "depth", "boxes", "label")
 IGNORE_INDEX = 255
+VALID = "valid"  # an extra mask target of detection pipelines: 1 on image pixels, 0 on padding
 
 
 def _compose(steps: list, targets: tuple[str, ...]) -> A.Compose:
     bbox = A.BboxParams(format="pascal_voc", label_fields=["labels"], min_area=1.0, clip=True) \
         if "boxes" in targets else None
-    return A.Compose(steps, bbox_params=bbox, additional_targets={"depth": "mask"} if "depth" in targets else None)
+    extra = {"depth": "mask"} if "depth" in targets else {}
+    if "boxes" in targets:
+        extra[VALID] = "mask"  # where the image is after padding (detection: the padding mask)
+    return A.Compose(steps, bbox_params=bbox, additional_targets=extra or None)
 
 
 def _frame_crop(box: tuple[int, int, int, int], frame: tuple[int, int] = (640, 480)) -> A.Lambda:
@@ -45,6 +49,9 @@ def train_transform(targets: tuple[str, ...], crop_size: int | tuple[int, int] =
     does) and cut from it first (Meta's NYU training crop: ``(43, 45, 608, 472)``). ``rotate``: with probability 0.5, a rotation by a uniform angle in
     ``[-rotate, rotate]`` degrees (Meta's NYU recipe: 2.5), labels resampled nearest. Padding and the corners the
     rotation uncovers fill the image with 0 and the label with 255 (ignore) for masks, 0 (invalid) for depth.
+
+    With ``boxes``, the flip comes before the padding, so that the image stays in the top-left corner of the crop
+    and the padding bottom/right (``meta["valid_size"]``, see :class:`Transformed`), as in a DETR batch.
     """
     crop_h, crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
     base = base_size or min(crop_h, crop_w)
@@ -56,12 +63,15 @@ def train_transform(targets: tuple[str, ...], crop_size: int | tuple[int, int] =
         steps.append(A.Rotate(limit=(-rotate, rotate), interpolation=cv2.INTER_LINEAR,
                               mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, fill=0,
                               fill_mask=fill_label, p=0.5))
+    flip_first = flip and "boxes" in targets
+    if flip_first:
+        steps.append(A.HorizontalFlip(p=0.5))
     steps += [
         A.PadIfNeeded(crop_h, crop_w, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0,
                       fill_mask=fill_label),
         A.RandomCrop(crop_h, crop_w),
     ]
-    if flip:
+    if flip and not flip_first:
         steps.append(A.HorizontalFlip(p=0.5))
     if photometric:
         steps.append(A.ColorJitter(brightness=0.125, contrast=0.25, saturation=0.25, hue=0.03, p=0.8))
@@ -91,6 +101,9 @@ class Transformed(Dataset):
     In training every target goes through the joint pipeline. In evaluation (``resize_labels=False``) only
     the image is resized; masks and depth keep their file resolution and boxes their pixel coordinates, so
     metrics are computed at the original size. ``meta["image_size"]`` records the network input size.
+    ``meta["valid_size"]`` is the ``(h, w)`` of the image in the top-left corner of that input, the rest being
+    padding: the whole input in evaluation; in training with ``boxes`` (whose pipelines pad bottom/right and track
+    the padding, see :func:`train_transform`) the extent of the image inside the crop; absent otherwise.
     An index may be ``(index, seed)`` (``dense_data.sampling.ResumableSampler``): the pipeline's random draws then
     come from that seed alone, so a sample's augmentation does not depend on the worker or the order of loading.
     """
@@ -122,10 +135,15 @@ class Transformed(Dataset):
             if "boxes" in self.targets:
                 inputs["bboxes"] = raw["boxes"].reshape(-1, 4)
                 inputs["labels"] = raw["labels"]
+                inputs[VALID] = np.ones(raw["image"].shape[:2], np.uint8)
         out = self.transform(**inputs)
         sample = {"image": normalize(out["image"])}
         meta = dict(raw.get("meta", {}))
         meta["image_size"] = tuple(sample["image"].shape[-2:])
+        if not self.resize_labels:
+            meta["valid_size"] = meta["image_size"]
+        elif VALID in inputs and np.shape(out[VALID]) == meta["image_size"]:  # a pipeline that tracks padding
+            meta["valid_size"] = _extent(out[VALID])
         source = out if self.resize_labels else {"mask": raw.get("mask"), "depth": raw.get("depth"),
                                                   "bboxes": raw.get("boxes"), "labels": raw.get("labels")}
         if "mask" in self.targets:
@@ -139,6 +157,12 @@ class Transformed(Dataset):
             sample["label"] = torch.tensor(int(raw["label"]), dtype=torch.long)
         sample["meta"] = meta
         return sample
+
+
+def _extent(valid: np.ndarray) -> tuple[int, int]:
+    """``(h, w)`` up to the last row and column holding an image pixel (the image is top-left)."""
+    rows, cols = np.flatnonzero(valid.any(1)), np.flatnonzero(valid.any(0))
+    return (int(rows[-1]) + 1 if rows.size else 0, int(cols[-1]) + 1 if cols.size else 0)
 
 
 def collate(samples: list[dict]) -> dict:

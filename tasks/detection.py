@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.ops import batched_nms
 
+from backbones.features import Features
 from dense_data.coco import COCODetection
 from dense_data.coco_gt import coco_from_dataset, sample_key
+from heads.detr.padding_mask import padding_mask
 
 from .base import DenseTask
 from .metrics.coco import STAT_NAMES, COCOEvaluator
@@ -28,6 +30,18 @@ def rescale_boxes(boxes: torch.Tensor, input_size: Sequence[int], orig_size: Seq
     scale = boxes.new_tensor([w0 / w1, h0 / h1, w0 / w1, h0 / h1])
     limit = boxes.new_tensor([w0, h0, w0, h0])
     return torch.minimum((boxes * scale).clamp(min=0), limit)
+
+
+def batch_padding_mask(metas: Sequence[dict], padded_size: Sequence[int], device=None) -> torch.Tensor | None:
+    """The pixel padding mask ``(B, H, W)`` (``True`` on padding) of a collated batch at the backbone's
+    ``padded_size``: each image fills ``meta["valid_size"]`` (else its ``image_size``) in the top-left corner.
+
+    ``None`` when a sample records neither size or every image fills the padded size (nothing to mask).
+    """
+    sizes = [m.get("valid_size", m.get("image_size")) for m in metas]
+    if any(size is None for size in sizes) or all(tuple(size) == tuple(padded_size) for size in sizes):
+        return None
+    return padding_mask(sizes, padded_size, device)
 
 
 def draw_boxes(picture: np.ndarray, boxes: np.ndarray, labels: np.ndarray, names: Sequence[str],
@@ -63,6 +77,11 @@ class DetectionTask(DenseTask):
 
     Logs ``val/AP, val/AP50, val/AP75, val/APs, val/APm, val/APl`` (``-1`` where COCOeval has no ground truth
     for a size range).
+
+    Batches of differently sized images (validation: each resized image padded bottom/right to the largest; training:
+    images smaller than the crop padded bottom/right to it) carry their padding as ``Features.padding_mask``
+    (:func:`batch_padding_mask`), which Meta's Plain-DETR (``heads.detr.PlainDETRHead``) uses as Meta does; other
+    heads ignore it.
 
     Args:
         num_vis: images in the validation picture (image + ground truth | image + predictions per row).
@@ -119,9 +138,18 @@ class DetectionTask(DenseTask):
     def predict_boxes(self, batch: dict) -> list[dict]:
         """Detections of a collated batch, in each image's original pixels (``boxes`` xyxy, ``scores``, ``labels``)."""
         images = self.pad_to_stride(batch["image"])
-        predictions = self.head.predict(self(images), tuple(images.shape[-2:]))
+        features = self.backbone(images)
+        features.padding_mask = batch_padding_mask(batch["meta"], features.padded_size, images.device)
+        predictions = self.head.predict(self.head(features, features.padded_size), features.padded_size)
         return [{**pred, "boxes": rescale_boxes(pred["boxes"].float(), meta["image_size"], meta["orig_size"])}
                 for pred, meta in zip(predictions, batch["meta"])]
+
+    def training_features(self, batch: dict) -> Features:
+        """The backbone features of a training batch with its padding mask (:func:`batch_padding_mask`)."""
+        features = super().training_features(batch)
+        if "meta" in batch:
+            features.padding_mask = batch_padding_mask(batch["meta"], features.padded_size, features.maps[0].device)
+        return features
 
     def evaluate_batch(self, batch: dict) -> list[dict]:
         """Predict a batch and add it to the evaluator; returns the predictions in original pixels."""

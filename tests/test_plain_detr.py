@@ -214,3 +214,76 @@ def test_rope_grid_follows_input_size_in_onnx(tmp_path):
     x = torch.zeros(1, 3, 112, 80)
     out = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
     assert (out - module(x)).abs().max().item() < 1e-6
+
+
+# ------------------------------------------------------------------ padding masks (batches of differently sized images)
+def test_padding_mask_resampling_and_position_by_hand():
+    from heads.detr.padding_mask import padding_mask, resize_mask
+    from heads.detr.position_encoding import masked_sine_position_map, sine_position_map
+
+    mask = padding_mask([(3, 5), (4, 2)], (4, 6))
+    assert mask.tolist()[0] == [[False] * 5 + [True]] * 3 + [[True] * 6]
+    assert mask[1, :, :2].logical_not().all() and mask[1, :, 2:].all()
+    with pytest.raises(ValueError, match="5x2 pixels does not fit"):
+        padding_mask([(5, 2)], (4, 6))
+    # nearest: a 16-px cell is image when its first pixel is (90 px -> 6 cells, the last one partly image)
+    cells = resize_mask(padding_mask([(90, 120)], (128, 176)), (8, 11))
+    assert cells[0].logical_not().sum() == 6 * 8 and not cells[0, 5, 7] and cells[0, 6, 0] and cells[0, 0, 8]
+    # valid cells are encoded relative to the valid extent; an all-valid mask is the unmasked encoding, bit for bit
+    pos = masked_sine_position_map(resize_mask(padding_mask([(64, 96), (96, 128)], (96, 128)), (6, 8)), 32)
+    assert torch.equal(pos[1], sine_position_map(6, 8, 32))
+    assert torch.equal(pos[0].reshape(6, 8, 32)[:4, :6], sine_position_map(4, 6, 32).reshape(4, 6, 32))
+
+
+def test_padded_batch_trains_and_all_valid_mask_is_no_mask():
+    from heads.detr.padding_mask import padding_mask
+
+    torch.manual_seed(0)
+    head = PlainDETRHead([16] * 4, [16] * 4, num_classes=3, **TINY).train()
+    feats = vit_features()
+    plain = head(feats, feats.padded_size)
+    feats.padding_mask = torch.zeros(2, *feats.padded_size, dtype=torch.bool)
+    assert all(torch.equal(plain[k], v) for k, v in head(feats, feats.padded_size).items() if torch.is_tensor(v))
+    feats.padding_mask = padding_mask([(96, 128), (70, 80)], feats.padded_size)  # 5 x 5 of 6 x 8 cells
+    out = head(feats, feats.padded_size)
+    assert not torch.equal(out["pred_logits"][1], plain["pred_logits"][1])
+    assert out["pred_boxes"][1, :, 0].max() <= 80 and out["enc_outputs"]["pred_boxes"][1, :, 1].max() <= 80
+    targets = {"boxes": [torch.tensor([[10.0, 12.0, 50.0, 40.0]]), torch.tensor([[5.0, 5.0, 60.0, 50.0]])],
+               "labels": [torch.tensor([1]), torch.tensor([2])]}
+    total = sum(head.loss(out, targets).values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert head.input_proj[0].weight.grad.abs().sum() > 0
+
+
+def test_detection_training_batches_carry_their_padding():
+    """Training crops of images smaller than the crop keep the image top-left (the flip comes before the padding),
+    record it as ``meta["valid_size"]``, and the detection task turns it into the padding mask of the features."""
+    import numpy as np
+
+    from dense_data.synthetic import make_scene
+    from dense_data.transforms import IMAGENET_MEAN, IMAGENET_STD, Transformed, collate, train_transform
+    from tasks.detection import DetectionTask, batch_padding_mask
+
+    scene = make_scene(0, size=(48, 64))
+    scene["image"] = np.full_like(scene["image"], 200)
+    pipeline = train_transform(("boxes",), crop_size=128, base_size=64, scale_range=(1.0, 1.0), photometric=False)
+    dataset = Transformed([scene], pipeline, ("boxes",))
+    black = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])
+    lefts = set()
+    for seed in range(6):
+        sample = dataset[(0, seed)]
+        assert sample["meta"]["valid_size"] == (64, 85) and sample["image"].shape[-2:] == (128, 128)
+        image = sample["image"]
+        assert (image[:, :64, :85] > 0.5).all() and torch.allclose(image[:, 64:, :], black[:, None, None].expand(
+            3, 64, 128)) and torch.allclose(image[:, :, 85:], black[:, None, None].expand(3, 128, 43))
+        assert (sample["boxes"][:, 2] <= 85).all() and (sample["boxes"][:, 3] <= 64).all()
+        lefts.add(round(sample["boxes"][:, 0].min().item()))
+    assert len(lefts) == 2  # flipped and not flipped
+    batch = collate([dataset[(0, 0)], dataset[(0, 1)]])
+    task = DetectionTask(backbone={"name": "vit_test"}, head={"_target_": "heads.detr.PlainDETRHead", **TINY},
+                         num_classes=3)
+    features = task.training_features(batch)
+    assert torch.equal(features.padding_mask, batch_padding_mask(batch["meta"], (128, 128)))
+    assert features.padding_mask[:, 64:].all() and not features.padding_mask[:, :64, :85].any()
+    assert batch_padding_mask([{"image_size": (128, 128)}] * 2, (128, 128)) is None

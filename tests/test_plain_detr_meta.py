@@ -1,5 +1,6 @@
 """Plain-DETR against Meta's detector (fixtures of tools/meta_fixtures/plain_detr.py): windowed features, every
-output of the head, post-processing through load_predictor, the export round trip."""
+output of the head, post-processing through load_predictor, the export round trip; and on a batch of two differently
+sized images padded to one size with Meta's padding mask."""
 
 import json
 import os
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.ops import box_convert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -14,6 +16,7 @@ from backbones import build_backbone  # noqa: E402
 from backbones.features import Features  # noqa: E402
 from heads.detr import PlainDETRHead  # noqa: E402
 from heads.detr.meta_checkpoint import META_DETECTOR  # noqa: E402
+from heads.detr.padding_mask import padding_mask, resize_mask  # noqa: E402
 from tasks import load_predictor  # noqa: E402
 from tasks.predictor import ExportError  # noqa: E402
 
@@ -160,3 +163,114 @@ def test_head_weights_check_windows(predictor, files):
     with pytest.raises(ExportError, match=r"detector\.pth .*backbone\.windows=3.*windows=0"):
         load_head_weights(head, cfg, files[0], "vit_test", indices, 91, {"windows": 0})
     assert load_head_weights(head, cfg, files[0], "vit_test", indices, 91, {"windows": 3})
+
+
+# ---------------------------------------------------------------------------------------------- padded batch
+@pytest.fixture(scope="module")
+def padded():
+    """Meta's run on two differently sized images zero-padded to one size, with its ``NestedTensor`` mask."""
+    return load_arrays(FIXTURES / "io_padded.npz")
+
+
+def _padded_features(padded, mask=True):
+    x = padded["features"]
+    size = tuple(padded["padded_images"].shape[-2:])
+    return Features([x], None, [16], [x.shape[1]], 16, size,
+                    padding_mask=padding_mask(padded["sizes"].tolist(), size) if mask else None)
+
+
+def _eval_head(predictor):
+    head = predictor.model.head
+    head.eval()
+    return head
+
+
+def test_padded_batch_mask_and_windowed_features_equal_meta(padded, files):
+    """Our pixel mask is Meta's; resampled to the feature map it is the mask Meta's windows wrapper gives; the
+    windowed backbone (which sees the padding, as Meta's does) gives Meta's features of the padded batch."""
+    images, size = padded["padded_images"].float(), tuple(padded["padded_images"].shape[-2:])
+    assert torch.equal(padding_mask(padded["sizes"].tolist(), size), padded["pixel_mask"])
+    assert torch.equal(resize_mask(padded["pixel_mask"], (8, 11)), padded["feature_mask"])
+    assert padded["feature_mask"][1].sum() == 88 - 6 * 8  # 90 x 120 px: 6 x 8 of 8 x 11 cells (a partial row)
+    backbone = build_backbone("vit_test", weights=files[1], windows=3)
+    with torch.no_grad():
+        features = backbone(images)
+    _close(torch.cat(features.maps, 1), padded["features"])
+
+
+def test_padded_batch_head_equals_meta(padded, predictor):
+    """Every output of the head on a padded batch (masked position encoding, encoder key mask, masked and clipped
+    proposals, -100 on padded keys in the decoder, boxes clipped to each image's valid extent) equals Meta's."""
+    head = _eval_head(predictor)
+    with torch.no_grad():
+        out = head(_padded_features(padded), tuple(padded["padded_images"].shape[-2:]))
+    for key in ("pred_logits", "pred_boxes", "pred_boxes_old", "pred_deltas"):
+        _close(out[key], padded[key])
+    for i, aux in enumerate(out["aux_outputs"]):
+        _close(aux["pred_logits"], padded[f"aux{i}_pred_logits"])
+        _close(aux["pred_boxes"], padded[f"aux{i}_pred_boxes"])
+    enc = out["enc_outputs"]
+    _close(enc["pred_logits"][..., :padded["enc_pred_logits"].shape[-1]], padded["enc_pred_logits"])
+    _close(enc["pred_boxes"], padded["enc_pred_boxes"])
+    _close(enc["pred_boxes_old"], padded["enc_pred_boxes_old"])
+    # the small image's boxes stay inside its valid extent: 6 x 8 cells of 16 px (Meta clips to the cells)
+    xyxy = box_convert(out["pred_boxes"][1], "cxcywh", "xyxy")
+    assert xyxy[:, 2].max() <= 8 * 16 and xyxy[:, 3].max() <= 6 * 16
+    assert not torch.allclose(out["pred_logits"], head(_padded_features(padded, mask=False),
+                                                       tuple(padded["padded_images"].shape[-2:]))["pred_logits"])
+
+
+def test_padded_batch_hybrid_queries_equal_meta(padded, predictor):
+    head = predictor.model.head
+    head.train()
+    dropouts = [m for m in head.modules() if isinstance(m, torch.nn.Dropout)]
+    saved = [m.p for m in dropouts]
+    try:
+        for m in dropouts:
+            m.p = 0.0
+        with torch.no_grad():
+            out = head(_padded_features(padded), tuple(padded["padded_images"].shape[-2:]))
+    finally:
+        for m, p in zip(dropouts, saved):
+            m.p = p
+        head.eval()
+    for key in ("pred_logits", "pred_boxes", "pred_logits_one2many", "pred_boxes_one2many"):
+        _close(out[key], padded["full_" + key])
+
+
+def test_padded_batch_detections_through_the_task_equal_meta(padded, files, predictor):
+    """Validation of a collated batch (DetectionTask.predict_boxes: images padded to the largest, the mask from each
+    image's size) gives Meta's post-processed detections at each image's own size."""
+    from tasks.detection import DetectionTask
+
+    config = predictor.config
+    task = DetectionTask(backbone=config["backbone"], head=dict(config["head"], weights=str(files[0])),
+                         num_classes=91).eval()
+    images = padded["padded_images"].float()
+    sizes = [tuple(s) for s in padded["sizes"].tolist()]
+    metas = [{"image_size": s, "orig_size": s} for s in sizes]
+    detections = task.predict_boxes({"image": images, "meta": metas})
+    k = padded["post_scores"].shape[1]
+    for det, boxes, scores, labels in zip(detections, padded["post_boxes"], padded["post_scores"],
+                                          padded["post_labels"]):
+        _close(det["boxes"][:k], boxes, 1e-3)
+        _close(det["scores"][:k], scores)
+        assert torch.equal(det["labels"][:k], labels.long())
+
+
+def test_padded_batch_members_as_meta_implies(padded, predictor):
+    """What Meta's semantics imply (the fixture script checks them on Meta's model too): the image that fills the
+    padded size gives its unbatched, unmasked result; the padded image gives the result of running it alone padded
+    to the same size with its mask (images of a batch do not interact); an all-valid mask is no mask, bit for bit."""
+    head = _eval_head(predictor)
+    size = tuple(padded["padded_images"].shape[-2:])
+    with torch.no_grad():
+        batch = head(_padded_features(padded), size)
+        x, mask = padded["features"], padding_mask(padded["sizes"].tolist(), size)
+        alone = head(Features([x[:1]], None, [16], [x.shape[1]], 16, size), size)
+        small = head(Features([x[1:]], None, [16], [x.shape[1]], 16, size, padding_mask=mask[1:]), size)
+        valid = head(Features([x[:1]], None, [16], [x.shape[1]], 16, size, padding_mask=mask[:1]), size)
+    for key in ("pred_logits", "pred_boxes"):
+        _close(alone[key][0], batch[key][0], 1e-5)
+        _close(small[key][0], batch[key][1], 1e-5)
+        assert torch.equal(valid[key], alone[key])

@@ -22,13 +22,14 @@ def size_tensor(values, like: Tensor) -> Tensor:
     return torch.stack([torch.scalar_tensor(v, dtype=torch.float32, device=like.device) for v in values])
 
 
-def apply_deltas(reference: Tensor, deltas: Tensor, max_size: tuple[float, float] | None = None) -> Tensor:
+def apply_deltas(reference: Tensor, deltas: Tensor, max_size: tuple[float, float] | Tensor | None = None) -> Tensor:
     """Boxes from reference boxes and deltas.
 
     Args:
         reference: ``(..., 4)`` cxcywh pixels.
         deltas: ``(..., 4)`` ``(dx, dy, dw, dh)``; ``dw, dh`` are clamped to ``+-MAX_LOG_SCALE``.
-        max_size: ``(H, W)``: clip the result to the image (``None``: no clipping).
+        max_size: ``(H, W)``: clip the result to the image; or a tensor of ``(W, H, W, H)`` limits broadcast to the
+            boxes (one image size per image of a padded batch: ``(B, 1, 4)``); ``None``: no clipping.
 
     Returns:
         ``(..., 4)`` xyxy pixels.
@@ -38,7 +39,10 @@ def apply_deltas(reference: Tensor, deltas: Tensor, max_size: tuple[float, float
     boxes = torch.cat([centre - size / 2, centre + size / 2], -1)
     if max_size is None:
         return boxes
-    limit = size_tensor((max_size[1], max_size[0], max_size[1], max_size[0]), boxes)
+    if isinstance(max_size, Tensor):
+        limit = max_size
+    else:
+        limit = size_tensor((max_size[1], max_size[0], max_size[1], max_size[0]), boxes)
     return torch.minimum(boxes.clamp(min=0), limit)
 
 

@@ -21,10 +21,12 @@ class GlobalEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, src: Tensor, pos: Tensor) -> Tensor:
-        """``src (B, S, D)``, ``pos (B or 1, S, D)`` -> ``(B, S, D)``."""
+    def forward(self, src: Tensor, pos: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """``src (B, S, D)``, ``pos (B or 1, S, D)``, ``padding_mask (B, S)`` bool (``True``: a padded token, never
+        attended to) -> ``(B, S, D)``."""
         q = src + pos
-        src = self.norm1(src + self.dropout(self.self_attn(q, q, src, need_weights=False)[0]))
+        attn = self.self_attn(q, q, src, key_padding_mask=padding_mask, need_weights=False)[0]
+        src = self.norm1(src + self.dropout(attn))
         ffn = self.linear2(self.dropout(self.linear1(src).relu()))
         return self.norm2(src + self.dropout(ffn))
 
@@ -36,7 +38,7 @@ class GlobalEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(GlobalEncoderLayer(dim, num_heads, ffn_dim, dropout) for _ in range(num_layers))
 
-    def forward(self, src: Tensor, pos: Tensor) -> Tensor:
+    def forward(self, src: Tensor, pos: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         for layer in self.layers:
-            src = layer(src, pos)
+            src = layer(src, pos, padding_mask)
         return src

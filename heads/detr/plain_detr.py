@@ -7,6 +7,13 @@ anchors in absolute pixels (side ``50 * 2**l``); the top-scoring proposals (clas
 reference boxes of the queries (position from the box, content learned: mixed query selection); a pre-norm global
 decoder with box-relative position bias refines them layer by layer (re-parameterised deltas, look-forward-twice).
 Training adds one-to-many queries (hybrid matching); they never attend to the one-to-one queries.
+
+A batch of differently sized images padded bottom/right to one size comes with a pixel padding mask
+(``Features.padding_mask``), used as Meta's detector uses its ``NestedTensor`` mask: resampled (nearest) to the
+feature map and every proposal level, the sine position encoding normalised by each image's valid extent, padded
+tokens masked out of the encoder's attention, padded proposals invalid and each image's proposals / boxes clipped
+to its own valid extent, padded cells biased by ``-100`` in the decoder's cross-attention. The backbone sees the
+padding, as Meta's does. No mask (or one without a padded feature cell) runs the unmasked computation.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from .box_reparam import apply_deltas, size_tensor
 from .criterion import SetCriterion
 from .global_encoder import GlobalEncoder
 from .matcher import HungarianMatcher
-from .position_encoding import box_position, sine_position_map
+from .padding_mask import resize_mask
+from .position_encoding import box_position, masked_sine_position_map, sine_position_map
 from .proposals import ProposalLevels
 from .rpe_decoder import RPEDecoder
 from .transformer import MLP
@@ -147,11 +155,22 @@ class PlainDETRHead(nn.Module):
         group = torch.arange(self._queries(), device=device) >= self.num_queries
         return group[:, None] != group[None, :]
 
+    @staticmethod
+    def _feature_mask(pixel_mask: Tensor | None, shape: tuple[int, int, int]) -> Tensor | None:
+        """The ``(B, h, w)`` padding mask of the feature map (nearest), or ``None`` when no cell is padding."""
+        if pixel_mask is None:
+            return None
+        if pixel_mask.dim() != 3 or pixel_mask.shape[0] != shape[0]:
+            raise ValueError(f"padding_mask must be (B, H, W) bool with B = {shape[0]}, got {tuple(pixel_mask.shape)}")
+        mask = resize_mask(pixel_mask.to(torch.bool), shape[1:])
+        return mask if bool(mask.any()) else None
+
     def forward(self, features, image_size: tuple[int, int]) -> dict:
         """Detect.
 
         Args:
-            features: :class:`backbones.features.Features` (all ``maps`` ``(B, C_i, h, w)`` at one stride).
+            features: :class:`backbones.features.Features` (all ``maps`` ``(B, C_i, h, w)`` at one stride; its
+                ``padding_mask (B, H, W)``, when set, marks the padding of a batch of differently sized images).
             image_size: ``(H, W)`` of the network input (``h * stride``, ``w * stride``).
 
         Returns:
@@ -163,20 +182,25 @@ class PlainDETRHead(nn.Module):
         """
         maps = [m.float() for m in features.maps]
         with torch.autocast(device_type=maps[0].device.type, enabled=False):
-            return self._forward(maps, image_size)
+            return self._forward(maps, image_size, getattr(features, "padding_mask", None))
 
-    def _forward(self, maps: list[Tensor], image_size: tuple[int, int]) -> dict:
+    def _forward(self, maps: list[Tensor], image_size: tuple[int, int], pixel_mask: Tensor | None) -> dict:
         src = self.input_proj(torch.cat(maps, 1))
         B, D, h, w = src.shape
         need = max(self.proposals.strides) // self.stride
         if min(h, w) < need:
             raise ValueError(f"input {tuple(image_size)} gives a {h}x{w} map: proposals at stride "
                              f"{max(self.proposals.strides)} need at least {need}x{need} cells (larger images)")
+        mask = self._feature_mask(pixel_mask, (B, h, w))
         src = src.flatten(2).transpose(1, 2)  # (B, h*w, D)
-        pos = (sine_position_map(h, w, D, src.device) + self.level_embed)[None]
-        memory = self.encoder(src, pos)
+        if mask is None:
+            pos = (sine_position_map(h, w, D, src.device) + self.level_embed)[None]
+        else:
+            pos = masked_sine_position_map(mask, D) + self.level_embed
+        flat_mask = None if mask is None else mask.flatten(1)
+        memory = self.encoder(src, pos, flat_mask)
 
-        feats, anchors, size = self.proposals(memory, (h, w))
+        feats, anchors, size = self.proposals(memory, (h, w), mask)
         head = len(self.class_embed) - 1
         enc_logits = self.class_embed[head](feats)
         enc_deltas = self.bbox_embed[head](feats)
@@ -190,7 +214,7 @@ class PlainDETRHead(nn.Module):
         query_pos = self.pos_trans_norm(self.pos_trans(box_position(reference, 2 * D)))[..., :D]
         tgt = self.query_embed.weight[:nq][None].expand(B, -1, -1)
         hidden, boxes, refs, deltas = self.decoder(tgt, query_pos, reference, memory, pos.expand(B, -1, -1), (h, w),
-                                                   size, self.bbox_embed, self._attn_mask(src.device))
+                                                   size, self.bbox_embed, self._attn_mask(src.device), flat_mask)
 
         out: dict = {"image_size": tuple(image_size)}
         layers = [

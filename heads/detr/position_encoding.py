@@ -23,6 +23,28 @@ def sine_position_map(height: int, width: int, dim: int, device=None, eps: float
     return sine_embed(grid, dim // 2)
 
 
+def masked_sine_position_map(mask: Tensor, dim: int, eps: float = 1e-6) -> Tensor:
+    """:func:`sine_position_map` of each image's valid area in a padded batch (DETR's ``PositionEmbeddingSine``).
+
+    A cell's coordinate counts the valid cells up to it along its column (y) or row (x), minus ``0.5``, divided by
+    the count over the whole column or row (up to ``eps``): valid cells are encoded relative to the valid extent,
+    padded cells repeat the last valid coordinate (or get a large negative one where a column or row has no valid
+    cell). An all-valid mask gives :func:`sine_position_map`.
+
+    Args:
+        mask: ``(B, h, w)`` bool, ``True`` on padding.
+
+    Returns:
+        ``(B, h * w, dim)``.
+    """
+    valid = ~mask
+    y = valid.cumsum(1, dtype=torch.float32)
+    x = valid.cumsum(2, dtype=torch.float32)
+    y = (y - 0.5) / (y[:, -1:, :] + eps)
+    x = (x - 0.5) / (x[:, :, -1:] + eps)
+    return sine_embed(torch.stack([y, x], -1).flatten(1, 2), dim // 2)
+
+
 def box_position(boxes: Tensor, dim: int) -> Tensor:
     """Sine encoding of ``(..., 4)`` boxes (any unit; Plain-DETR feeds cxcywh pixels), ``dim // 4`` per coordinate.
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .box_reparam import size_tensor
+from .padding_mask import resize_mask
 
 
 class LayerNorm2d(nn.Module):
@@ -44,7 +45,8 @@ class ProposalLevels(nn.Module):
 
     Level ``l`` has stride ``strides[l]`` and anchors of side ``min_size * 2**l`` pixels centred on its cells.
     Anchors not strictly inside ``[0.01, 0.99]`` of the image (on every coordinate) are invalid: their features are
-    zeroed and their box set to ``max(H, W)`` so that they are never chosen.
+    zeroed and their box set to ``max(H, W)`` so that they are never chosen. In a padded batch the image is each
+    image's valid extent (its valid cells at level 0 x the level-0 stride) and padded cells are invalid too.
 
     Args:
         dim: memory width ``D``; in_stride: stride of the memory map; strides: proposal strides (Meta: 8/16/32/64
@@ -59,19 +61,24 @@ class ProposalLevels(nn.Module):
         self.enc_output = nn.Linear(dim, dim)
         self.enc_output_norm = nn.LayerNorm(dim)
 
-    def forward(self, memory: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    def forward(self, memory: Tensor, shape: tuple[int, int], mask: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, tuple[int, int] | Tensor]:
         """Proposal features and anchors.
 
         Args:
             memory: ``(B, h*w, D)`` encoder output of an ``(h, w)`` map at ``in_stride``.
+            mask: ``(B, h, w)`` bool, ``True`` on padding (``None``: no padding); resampled to every level
+                (:func:`.padding_mask.resize_mask`).
 
         Returns:
             ``features (B, S, D)``, ``anchors (B, S, 4)`` cxcywh pixels over all ``S`` cells of all levels, and the
-            image size ``(H, W)`` the anchors are clipped to (level 0's cells x its stride).
+            image size the anchors are clipped to: without ``mask`` ``(H, W)`` (level 0's cells x its stride), with
+            it each image's valid extent as ``(W, H, W, H)`` limits ``(B, 1, 4)`` (the ``max_size`` of
+            :func:`.box_reparam.apply_deltas`).
         """
         B, _, D = memory.shape
         grid = memory.transpose(1, 2).reshape(B, D, *shape)
-        feats, anchors, size = [], [], None
+        feats, anchors, masks, size = [], [], [], None
         for level, (proj, stride) in enumerate(zip(self.enc_output_proj, self.strides)):
             x = proj(grid)
             h, w = x.shape[-2:]
@@ -83,11 +90,23 @@ class ProposalLevels(nn.Module):
             side = torch.full_like(cx, self.min_size * 2.0**level)
             anchors.append(torch.stack([cx, cy, side, side], -1).reshape(-1, 4))
             feats.append(x.flatten(2).transpose(1, 2))
+            if mask is not None:
+                masks.append(resize_mask(mask, (h, w)))
         anchors = torch.cat(anchors)[None].expand(B, -1, -1)
         feats = torch.cat(feats, 1)
         H, W = size
-        limit = size_tensor((W, H, W, H), anchors)
-        valid = ((anchors > 0.01 * limit) & (anchors < 0.99 * limit)).all(-1, keepdim=True)
-        anchors = torch.where(valid, anchors, limit.max())
-        feats = feats.masked_fill(~valid, 0.0)
-        return self.enc_output_norm(self.enc_output(feats)), anchors, size
+        if mask is None:
+            limit = size_tensor((W, H, W, H), anchors)
+            valid = ((anchors > 0.01 * limit) & (anchors < 0.99 * limit)).all(-1, keepdim=True)
+            anchors = torch.where(valid, anchors, limit.max())
+            feats = feats.masked_fill(~valid, 0.0)
+            return self.enc_output_norm(self.enc_output(feats)), anchors, size
+        first, stride = masks[0], self.strides[0]
+        valid_h = (~first[:, :, 0]).sum(1).float() * stride
+        valid_w = (~first[:, 0, :]).sum(1).float() * stride
+        limit = torch.stack([valid_w, valid_h, valid_w, valid_h], -1)[:, None]  # (B, 1, 4)
+        inside = ((anchors > 0.01 * limit) & (anchors < 0.99 * limit)).all(-1, keepdim=True)
+        invalid = torch.cat([m.flatten(1) for m in masks], 1)[..., None] | ~inside
+        anchors = anchors.masked_fill(invalid, float(max(H, W)))
+        feats = feats.masked_fill(invalid, 0.0)
+        return self.enc_output_norm(self.enc_output(feats)), anchors, limit

@@ -26,10 +26,14 @@ class BoxRPECrossAttention(nn.Module):
     """Multi-head cross-attention from queries to all ``h x w`` cells, plus a per-head bias from the signed
     distances of each cell centre to the query box's sides: ``b(q, y, x) = mlp_x(x - (x0, x1)) + mlp_y(y - (y0, y1))``.
 
+    In a padded batch, padded cells get a further bias of ``-100`` (Meta's / Plain-DETR's soft key mask).
+
     Args:
         dim: width ``D``; num_heads: heads; rpe_hidden_dim: hidden width of the two bias MLPs;
         feature_stride: input pixels per feature cell (cell ``i`` is centred at ``(i + 0.5) * stride``).
     """
+
+    padding_bias = -100.0
 
     def __init__(self, dim: int, num_heads: int, rpe_hidden_dim: int = 512, feature_stride: int = 16):
         super().__init__()
@@ -57,9 +61,13 @@ class BoxRPECrossAttention(nn.Module):
         B, N, D = x.shape
         return x.reshape(B, N, self.num_heads, D // self.num_heads).transpose(1, 2)
 
-    def forward(self, query: Tensor, boxes: Tensor, key: Tensor, value: Tensor, shape: tuple[int, int]) -> Tensor:
-        """``query (B, Q, D)``, ``boxes (B, Q, 4)`` xyxy pixels, ``key`` / ``value (B, h*w, D)`` -> ``(B, Q, D)``."""
+    def forward(self, query: Tensor, boxes: Tensor, key: Tensor, value: Tensor, shape: tuple[int, int],
+                padding_mask: Tensor | None = None) -> Tensor:
+        """``query (B, Q, D)``, ``boxes (B, Q, 4)`` xyxy pixels, ``key`` / ``value (B, h*w, D)``, ``padding_mask
+        (B, h*w)`` bool (``True``: a padded cell) -> ``(B, Q, D)``."""
         bias = self.position_bias(boxes, shape).contiguous()
+        if padding_mask is not None:
+            bias = bias + padding_mask[:, None, None].float() * self.padding_bias
         out = F.scaled_dot_product_attention(self._heads(self.q(query)), self._heads(self.k(key)),
                                              self._heads(self.v(value)), attn_mask=bias)
         return self.proj(out.transpose(1, 2).flatten(2))
@@ -81,14 +89,16 @@ class RPEDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, boxes: Tensor, memory: Tensor, memory_pos: Tensor,
-                shape: tuple[int, int], self_attn_mask: Tensor | None = None) -> Tensor:
+                shape: tuple[int, int], self_attn_mask: Tensor | None = None,
+                padding_mask: Tensor | None = None) -> Tensor:
         """``tgt`` / ``query_pos (B, Q, D)``, ``boxes (B, Q, 4)`` xyxy pixels, ``memory`` / ``memory_pos (B, S, D)``;
-        ``self_attn_mask (Q, Q)`` bool, True = blocked."""
+        ``self_attn_mask (Q, Q)`` bool, True = blocked; ``padding_mask (B, S)`` bool, True = a padded cell."""
         x = self.norm2(tgt)
         q = x + query_pos
         tgt = tgt + self.dropout(self.self_attn(q, q, x, attn_mask=self_attn_mask, need_weights=False)[0])
         x = self.norm1(tgt)
-        tgt = tgt + self.dropout(self.cross_attn(x + query_pos, boxes, memory + memory_pos, memory, shape))
+        tgt = tgt + self.dropout(self.cross_attn(x + query_pos, boxes, memory + memory_pos, memory, shape,
+                                                 padding_mask))
         x = self.norm3(tgt)
         return tgt + self.dropout(self.linear2(self.dropout(self.linear1(x).relu())))
 
@@ -111,16 +121,19 @@ class RPEDecoder(nn.Module):
         self.look_forward_twice = look_forward_twice
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference: Tensor, memory: Tensor, memory_pos: Tensor,
-                shape: tuple[int, int], image_size: tuple[float, float], box_heads: Sequence[nn.Module],
-                self_attn_mask: Tensor | None = None) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+                shape: tuple[int, int], image_size: tuple[float, float] | Tensor, box_heads: Sequence[nn.Module],
+                self_attn_mask: Tensor | None = None, padding_mask: Tensor | None = None
+                ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """Run all layers.
 
         Args:
             tgt / query_pos: ``(B, Q, D)`` content queries and their position embedding.
             reference: ``(B, Q, 4)`` initial boxes, cxcywh pixels (detached).
             memory / memory_pos: ``(B, h*w, D)`` encoder output and its position embedding.
-            shape: ``(h, w)`` of the memory map; image_size: ``(H, W)`` the boxes are clipped to.
+            shape: ``(h, w)`` of the memory map; image_size: ``(H, W)`` the boxes are clipped to, or per-image
+                ``(W, H, W, H)`` limits ``(B, 1, 4)`` (a padded batch, see :func:`.box_reparam.apply_deltas`).
             box_heads: one delta head per layer.
+            self_attn_mask: ``(Q, Q)`` bool, True = blocked; padding_mask: ``(B, h*w)`` bool, True = a padded cell.
 
         Returns:
             per layer: ``hidden (B, Q, D)`` (after the final norm), ``boxes (B, Q, 4)`` cxcywh pixels, the
@@ -130,7 +143,7 @@ class RPEDecoder(nn.Module):
         previous = reference  # the reference the next layer's boxes are predicted from
         for layer, box_head in zip(self.layers, box_heads):
             xyxy = box_convert(reference, "cxcywh", "xyxy")
-            tgt = layer(tgt, query_pos, xyxy, memory, memory_pos, shape, self_attn_mask)
+            tgt = layer(tgt, query_pos, xyxy, memory, memory_pos, shape, self_attn_mask, padding_mask)
             out = self.final_layer_norm(tgt)
             delta = box_head(out)
             new = box_convert(apply_deltas(previous, delta, image_size), "xyxy", "cxcywh")

@@ -13,6 +13,10 @@ layers, 25 + 25 queries. Writes to ``tests/fixtures/meta/detr/``:
   ``input_proj``), outputs of inference (25 queries): final and auxiliary logits / boxes, encoder proposal
   logits / boxes, post-processed top-50 scores / labels / boxes; and of the full query set (25 one-to-one +
   25 one-to-many, masked self-attention) as in training;
+- ``io_padded.npz``: a batch of two differently sized images (``PADDED``: 128 x 176 and 90 x 120) zero-padded
+  bottom/right to one size with Meta's ``NestedTensor`` padding mask (``padded_images`` kept as float16, the values
+  Meta ran on): Meta's windowed features and their mask, the same outputs (encoder proposal logits: the first 8
+  classes, class 0 ranking them), top-50 post-processing at each image's own size, and the full query set;
 - ``config.json``: the sizes used.
 
 Rerun (needs torch, torchvision, numpy; Meta's repository at commit 6876159)::
@@ -40,6 +44,8 @@ SIZES = dict(hidden_dim=64, nheads=8, num_encoder_layers=1, dec_layers=2, dim_fe
              decoder_rpe_hidden_dim=32, num_queries_one2one=25, num_queries_one2many=25, num_classes=91, topk=50,
              n_windows_sqrt=3, embed_dim=64, depth=4, num_heads=2)
 IMAGE = (2, 3, 160, 208)
+PADDED = ((128, 176), (90, 120))  # image sizes of the padded batch; the first one sets the padded size
+ENC_CLASSES = 8  # encoder proposal logits kept in io_padded.npz (column 0 ranks the proposals)
 ALIASES = ("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed.")  # of bbox_embed / class_embed
 
 
@@ -89,15 +95,57 @@ def build(meta_repo: str):
     return detector, PostProcess(config.topk, config.reparam), vit_manifest, head_manifest
 
 
-def run(detector, postprocess, images, num_queries):
+def run(detector, postprocess, images, num_queries, mask=None):
     from dinov3.eval.detection.util.misc import NestedTensor
 
     detector.num_queries = num_queries
     detector.transformer.two_stage_num_proposals = num_queries
-    samples = NestedTensor(images, torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool))
+    if mask is None:
+        mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
+    samples = NestedTensor(images, mask)
     with torch.no_grad():
         out = detector(samples)
     return out, samples
+
+
+def padded_batch(detector, postprocess) -> dict[str, torch.Tensor]:
+    """Meta's outputs for ``PADDED`` images batched by its ``nested_tensor_from_tensor_list`` (zero padding, mask)."""
+    from dinov3.eval.detection.util.misc import nested_tensor_from_tensor_list
+
+    generator = torch.Generator().manual_seed(2)
+    images = [torch.randn(3, h, w, generator=generator).half().float() for h, w in PADDED]
+    batch = nested_tensor_from_tensor_list(images)
+    n1, n2 = SIZES["num_queries_one2one"], SIZES["num_queries_one2many"]
+    out, samples = run(detector, postprocess, batch.tensors, n1, batch.mask)
+    with torch.no_grad():
+        features, _ = detector.backbone(samples)
+    tensors = {"padded_images": batch.tensors.half(), "pixel_mask": batch.mask, "sizes": torch.tensor(PADDED),
+               "features": features[0].tensors, "feature_mask": features[0].mask}
+    for key in ("pred_logits", "pred_boxes", "pred_boxes_old", "pred_deltas"):
+        tensors[key] = out[key]
+    for i, aux in enumerate(out["aux_outputs"]):
+        tensors[f"aux{i}_pred_logits"], tensors[f"aux{i}_pred_boxes"] = aux["pred_logits"], aux["pred_boxes"]
+    tensors["enc_pred_logits"] = out["enc_outputs"]["pred_logits"][..., :ENC_CLASSES]
+    tensors["enc_pred_boxes"] = out["enc_outputs"]["pred_boxes"]
+    tensors["enc_pred_boxes_old"] = out["enc_outputs"]["pred_boxes_old"]
+    sizes = torch.tensor(PADDED)
+    results = postprocess(out, target_sizes=sizes, original_target_sizes=sizes)
+    for key in ("scores", "labels", "boxes"):
+        tensors[f"post_{key}"] = torch.stack([r[key] for r in results])
+    full, _ = run(detector, postprocess, batch.tensors, n1 + n2, batch.mask)
+    for key in ("pred_logits", "pred_boxes", "pred_logits_one2many", "pred_boxes_one2many"):
+        tensors[f"full_{key}"] = full[key]
+    # Meta's semantics, checked here: the full-size image (all valid) gives the same result alone; the padded one
+    # gives the same result padded alone with its mask (batch members do not interact), not its unpadded result.
+    alone, _ = run(detector, postprocess, batch.tensors[:1], n1)
+    small, _ = run(detector, postprocess, batch.tensors[1:], n1, batch.mask[1:])
+    for name, other, i in (("full-size image alone", alone, 0), ("padded image alone", small, 1)):
+        diff = (other["pred_logits"][0] - out["pred_logits"][i]).abs().max().item()
+        print(f"{name}: max |logit difference| to the batch {diff:.2e}")
+        assert diff < 1e-4, name
+    top = out["enc_outputs"]["pred_logits"][..., 0].sort(dim=1, descending=True).values
+    print(f"padded batch: top-{n1} proposal score margin {(top[:, n1 - 1] - top[:, n1]).min().item():.2e}")
+    return tensors
 
 
 def main() -> None:
@@ -133,11 +181,16 @@ def main() -> None:
     for key in ("pred_logits", "pred_boxes", "pred_logits_one2many", "pred_boxes_one2many"):
         tensors[f"full_{key}"] = full[key]
 
+    padded = padded_batch(detector, postprocess)
+
     args.out.mkdir(parents=True, exist_ok=True)
     save_arrays({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, args.out / "io.npz")
+    save_arrays({k: v.float() if v.dtype in (torch.float32, torch.float64) else v for k, v in padded.items()},
+                args.out / "io_padded.npz")
     write_manifest(vit_manifest, args.out / "backbone.manifest.json")
     write_manifest(head_manifest, args.out / "detector.manifest.json")
-    (args.out / "config.json").write_text(json.dumps(dict(SIZES, image=list(IMAGE)), indent=1) + "\n")
+    config = dict(SIZES, image=list(IMAGE), padded=[list(s) for s in PADDED], enc_classes=ENC_CLASSES)
+    (args.out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     print(f"wrote {args.out}; top-{n1} proposal score margin {margin:.2e}")
 
 
