@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import average_over_processes
-from .matcher import HungarianMatcher, point_sample, sample_targets
+from .mask_logits import DenseMaskLogits, FactoredMaskLogits, layer_mask_logits, point_sample
+from .matcher import HungarianMatcher, sample_targets
 
 
 def semantic_to_targets(mask: Tensor, num_classes: int, ignore_index: int = 255) -> list[dict]:
@@ -55,7 +56,7 @@ def sample_uncertain_points(logits: Tensor, num_points: int, oversample_ratio: f
     coords = torch.rand(n, num_sampled, 2, device=logits.device)
     uncertainty = -point_sample(logits, coords).abs()[:, 0]  # (N, num_sampled)
     num_uncertain = int(importance_sample_ratio * num_points)
-    idx = uncertainty.topk(num_uncertain, dim=1)[1]
+    idx = uncertainty.topk(num_uncertain, dim=1, sorted=False)[1]  # the losses average over points: order is free
     coords = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 2))
     num_random = num_points - num_uncertain
     if num_random > 0:
@@ -105,16 +106,14 @@ class Mask2FormerCriterion(nn.Module):
         return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, weight=self.empty_weight.float())
 
     def loss_masks(
-        self, pred_masks: Tensor, targets: list[dict], indices: list[tuple[Tensor, Tensor]], num_masks: Tensor
+        self, pred_masks: DenseMaskLogits | FactoredMaskLogits, targets: list[dict], indices: list[tuple[Tensor, Tensor]],
+        num_masks: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """Point-sampled BCE and dice of the matched pairs, each summed over pairs / ``num_masks``."""
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        src_idx = torch.cat([src for src, _ in indices])
-        if src_idx.numel() == 0:
-            zero = pred_masks.sum() * 0.0  # keeps every mask parameter in the graph (DDP)
+        if sum(len(src) for src, _ in indices) == 0:
+            zero = pred_masks.zero()  # keeps every mask parameter in the graph (DDP)
             return zero, zero
-        dev = pred_masks.device
-        preds = pred_masks[batch_idx.to(dev), src_idx.to(dev)][:, None].float()  # (N, 1, h, w)
+        preds = pred_masks.select([src for src, _ in indices])[:, None]  # (N, 1, h, w)
         masks = torch.cat([t["masks"][tgt] for t, (_, tgt) in zip(targets, indices)])  # (N, H, W)
         valid = None
         if any(t.get("valid") is not None for t in targets):
@@ -141,20 +140,25 @@ class Mask2FormerCriterion(nn.Module):
         loss_dice = 1 - (numerator + 1) / (denominator + 1)
         return loss_mask.sum() / num_masks, loss_dice.sum() / num_masks
 
-    def layer_losses(self, pred_logits: Tensor, pred_masks: Tensor, targets: list[dict], num_masks: Tensor) -> dict[str, Tensor]:
+    def layer_losses(self, pred_logits: Tensor, pred_masks: DenseMaskLogits | FactoredMaskLogits, targets: list[dict],
+                     num_masks: Tensor) -> dict[str, Tensor]:
         """Match one prediction layer and return its unweighted ``{"ce", "mask", "dice"}``."""
         indices = self.matcher(pred_logits, pred_masks, targets)
         loss_mask, loss_dice = self.loss_masks(pred_masks, targets, indices, num_masks)
         return {"ce": self.loss_labels(pred_logits, targets, indices), "mask": loss_mask, "dice": loss_dice}
 
     def layer_terms(self, outputs: dict, targets: list[dict], num_masks: Tensor | float | None = None) -> list[dict[str, Tensor]]:
-        """Unweighted terms of every supervised layer: the final prediction first, then ``aux_outputs``."""
+        """Unweighted terms of every supervised layer: the final prediction first, then ``aux_outputs``.
+
+        A layer's mask logits come from its ``mask_embed`` and ``mask_features`` when it has them (only where
+        needed, see ``mask_logits``), else from its ``pred_masks`` ``(B, Q, h, w)``."""
         if num_masks is None:
             num_masks = average_over_processes(sum(len(t["labels"]) for t in targets), outputs["pred_logits"].device)
         layers = [outputs]
         if self.deep_supervision:
             layers += list(outputs.get("aux_outputs", []))
-        return [self.layer_losses(o["pred_logits"], o["pred_masks"], targets, num_masks) for o in layers]
+        masks = layer_mask_logits(layers)
+        return [self.layer_losses(o["pred_logits"], m, targets, num_masks) for o, m in zip(layers, masks)]
 
     def forward(self, outputs: dict, targets: list[dict], num_masks: Tensor | float | None = None) -> dict[str, Tensor]:
         terms = self.layer_terms(outputs, targets, num_masks)

@@ -14,11 +14,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-
-def point_sample(inputs: Tensor, coords: Tensor, **grid_sample_kwargs) -> Tensor:
-    """Bilinearly read ``inputs`` ``(N, C, H, W)`` at ``coords`` ``(N, P, 2)`` in ``[0, 1]`` ``(x, y)`` -> ``(N, C, P)``."""
-    grid_sample_kwargs.setdefault("align_corners", False)
-    return F.grid_sample(inputs, 2.0 * coords[:, :, None, :] - 1.0, **grid_sample_kwargs).squeeze(3)
+from .mask_logits import DenseMaskLogits, FactoredMaskLogits, point_sample
 
 
 def sample_targets(masks: Tensor, valid: Tensor | None, coords: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -79,7 +75,8 @@ class HungarianMatcher(nn.Module):
         cost_class, cost_mask, cost_dice: weights of the three costs.
         num_points: uniformly sampled points per image for the mask costs.
 
-    ``forward(pred_logits (B, Q, K+1), pred_masks (B, Q, h, w), targets)`` where ``targets`` is a list
+    ``forward(pred_logits (B, Q, K+1), pred_masks, targets)``: ``pred_masks`` the mask logits ``(B, Q, h, w)`` or a
+    ``DenseMaskLogits`` / ``FactoredMaskLogits`` reader of them; ``targets`` a list
     of dicts with ``labels (N_i,)``, ``masks (N_i, H, W)`` and ``valid`` ``(H, W)`` or None; returns a
     list of ``(query_idx, target_idx)`` LongTensor pairs of length ``min(Q, N_i)``, ``query_idx`` sorted.
     """
@@ -94,7 +91,9 @@ class HungarianMatcher(nn.Module):
         self.num_points = num_points
 
     @torch.no_grad()
-    def forward(self, pred_logits: Tensor, pred_masks: Tensor, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
+    def forward(self, pred_logits: Tensor, pred_masks: Tensor | DenseMaskLogits | FactoredMaskLogits,
+                targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
+        masks = DenseMaskLogits(pred_masks) if isinstance(pred_masks, Tensor) else pred_masks
         indices = []
         for b, tgt in enumerate(targets):
             labels = tgt["labels"]
@@ -104,13 +103,13 @@ class HungarianMatcher(nn.Module):
                 continue
             probs = pred_logits[b].float().softmax(-1)
             cost_class = -probs[:, labels]  # (Q, N)
-            coords = torch.rand(1, self.num_points, 2, device=pred_masks.device)
+            coords = torch.rand(1, self.num_points, 2, device=masks.device)
             valid = tgt.get("valid")
             # the same points for every query and target: sample them as channels of one image
             t_points, w_points = sample_targets(tgt["masks"], None if valid is None else valid[None], coords)
             if w_points is not None:
                 w_points = w_points[0]  # the same weights for every target of the image: (P,)
-            p_points = point_sample(pred_masks[b][None].float(), coords)[0]  # (Q, P)
+            p_points = masks.at_points(b, coords[0])  # (Q, P)
             cost_mask = pairwise_sigmoid_ce(p_points, t_points, w_points)
             cost_dice = pairwise_dice(p_points, t_points, w_points)
             cost = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
