@@ -18,7 +18,7 @@ from heads.mask2former import (
     SimpleFeaturePyramid,
     semantic_to_targets,
 )
-from heads.mask2former.mask_logits import DenseMaskLogits, FactoredMaskLogits
+from heads.mask2former.mask_logits import DenseMaskLogits, FactoredMaskLogits, select_matched
 from heads.mask2former.pixel_decoder import sine_position_embedding
 from heads.ops import MSDeformAttn, average_over_processes, ms_deform_attn_core
 from heads.ops.ms_deform_attn import ms_deform_attn_grid_sample
@@ -262,8 +262,11 @@ def test_factored_mask_logits_read_the_dense_ones():
     coords = torch.cat([torch.rand(50, 2, generator=g), torch.tensor([[0.0, 0.0], [0.999, 0.5], [0.02, 0.98]])])
     for b in range(2):
         torch.testing.assert_close(factored.at_points(b, coords), dense.at_points(b, coords), rtol=1e-5, atol=1e-5)
-    queries = [torch.tensor([3, 0]), torch.tensor([4])]
-    torch.testing.assert_close(factored.select(queries), dense.select(queries), rtol=1e-5, atol=1e-5)
+    queries = [[torch.tensor([3, 0]), torch.tensor([4])], [torch.tensor([], dtype=torch.long), torch.tensor([1, 2])]]
+    other = FactoredMaskLogits(embed.flip(1), features)  # a second layer on the same features: read in one product
+    ref = [dense.select(queries[0]), DenseMaskLogits(dense.masks.flip(1)).select(queries[1])]
+    for got, want in zip(select_matched([factored, other], queries), ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ignore", [False, True])
