@@ -19,6 +19,7 @@ from heads.mask2former import (
     semantic_to_targets,
 )
 from heads.mask2former.mask_logits import DenseMaskLogits, FactoredMaskLogits, select_matched
+from heads.mask2former.matcher import sample_matched_targets, sample_targets
 from heads.mask2former.pixel_decoder import sine_position_embedding
 from heads.ops import MSDeformAttn, average_over_processes, ms_deform_attn_core
 from heads.ops.ms_deform_attn import ms_deform_attn_grid_sample
@@ -267,6 +268,26 @@ def test_factored_mask_logits_read_the_dense_ones():
     ref = [dense.select(queries[0]), DenseMaskLogits(dense.masks.flip(1)).select(queries[1])]
     for got, want in zip(select_matched([factored, other], queries), ref):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_matched_targets_read_in_place_equal_gathered_masks():
+    mask = blocky_masks(3, 40, 48, 5, seed=6, block=8)
+    mask[1, :7] = 255  # one image with ignored pixels, one without, one with nothing labelled
+    mask[2] = 255
+    targets = semantic_to_targets(mask, 5)
+    n0, n1 = len(targets[0]["labels"]), len(targets[1]["labels"])
+    # image 0: every target matched (read in place); image 1: two targets left unmatched (gathered)
+    indices = [(torch.arange(n0), torch.randperm(n0)), (torch.arange(n1 - 2), torch.randperm(n1)[: n1 - 2]),
+               (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))]
+    coords = torch.rand(n0 + n1 - 2, 37, 2)
+    labels, weights = sample_matched_targets(targets, indices, coords)
+    masks = torch.cat([t["masks"][tgt] for t, (_, tgt) in zip(targets, indices)])
+    valid = torch.cat([(t["valid"] if t["valid"] is not None else torch.ones(40, 48))[None].expand(len(tgt), -1, -1)
+                       for t, (_, tgt) in zip(targets, indices)])
+    ref_labels, ref_weights = sample_targets(masks, valid, coords)
+    torch.testing.assert_close(labels, ref_labels)
+    torch.testing.assert_close(weights, ref_weights)
+    assert sample_matched_targets(targets[:1], indices[:1], coords[:n0])[1] is None
 
 
 @pytest.mark.parametrize("ignore", [False, True])

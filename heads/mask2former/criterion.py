@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..ops import average_over_processes
 from .mask_logits import layer_mask_logits, point_sample, select_matched
-from .matcher import HungarianMatcher, sample_targets
+from .matcher import HungarianMatcher, sample_matched_targets
 
 
 def semantic_to_targets(mask: Tensor, num_classes: int, ignore_index: int = 255) -> list[dict]:
@@ -116,18 +116,9 @@ class Mask2FormerCriterion(nn.Module):
 
         ``preds``: ``(N, 1, h, w)`` logits of the matched queries (image-major, as ``indices``); ``draws``: their
         ``draw_uniform_points``."""
-        masks = torch.cat([t["masks"][tgt] for t, (_, tgt) in zip(targets, indices)])  # (N, H, W)
-        valid = None
-        if any(t.get("valid") is not None for t in targets):
-            valid = torch.cat(
-                [
-                    (t["valid"] if t.get("valid") is not None else torch.ones_like(t["masks"][0]))[None].expand(len(tgt), -1, -1)
-                    for t, (_, tgt) in zip(targets, indices)
-                ]
-            )
         with torch.no_grad():
             coords = choose_uncertain_points(preds, *draws, int(self.importance_sample_ratio * self.num_points))
-            labels, weights = sample_targets(masks, valid, coords)
+            labels, weights = sample_matched_targets(targets, indices, coords)
         logits = point_sample(preds, coords).squeeze(1)  # (N, P)
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         probs = logits.sigmoid()

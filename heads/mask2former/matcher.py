@@ -40,8 +40,48 @@ def sample_targets(masks: Tensor, valid: Tensor | None, coords: Tensor) -> tuple
     if valid is None:
         return labels, None
     weights = sample(valid, padding_mode="border").expand_as(labels)
-    labels = torch.where(weights > 0, labels / weights.clamp(min=1e-6), torch.zeros_like(labels)).clamp(0.0, 1.0)
-    return labels, weights
+    return labelled_share(labels, weights), weights
+
+
+def labelled_share(labels: Tensor, weights: Tensor) -> Tensor:
+    """Sampled labels renormalised over the labelled neighbours: ``label / weight`` (0 where the weight is 0)."""
+    return torch.where(weights > 0, labels / weights.clamp(min=1e-6), torch.zeros_like(labels)).clamp(0.0, 1.0)
+
+
+def sample_matched_targets(targets: list[dict], indices: list[tuple[Tensor, Tensor]],
+                           coords: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``sample_targets`` for matched pairs, each read at its own points.
+
+    Args:
+        targets: per image ``masks (N_i, H, W)`` and ``valid`` ``(H, W)`` or None.
+        indices: per image ``(query_idx, target_idx)`` of the matched pairs.
+        coords: ``(N, P, 2)`` points of the ``N`` pairs, image-major as ``indices``.
+
+    Returns:
+        ``labels (N, P)`` and ``weights (N, P)`` (None when no image has ignored pixels). Every target of an
+        image is matched once when there are at least as many queries as targets: the pairs' points are then
+        put in target order and the image's masks read in place, with no ``(N, H, W)`` copy of them.
+    """
+    labels, weights, start = [], [], 0
+    for t, (_, tgt) in zip(targets, indices):
+        if len(tgt) == 0:
+            continue
+        masks, tgt = t["masks"], tgt.to(t["masks"].device)
+        points = coords[start : start + len(tgt)]  # (n, P, 2)
+        start += len(tgt)
+        if len(tgt) == len(masks):
+            order = torch.empty_like(tgt)
+            order[tgt] = torch.arange(len(tgt), device=tgt.device)  # the pair matched to each target
+            labels.append(point_sample(masks[:, None].float(), points[order])[:, 0][tgt])
+        else:
+            labels.append(point_sample(masks[tgt][:, None].float(), points)[:, 0])
+        valid = t.get("valid")
+        weights.append(None if valid is None else point_sample(
+            valid[None, None].float(), points.reshape(1, -1, 2), padding_mode="border").view_as(labels[-1]))
+    if all(w is None for w in weights):
+        return torch.cat(labels), None
+    weights = torch.cat([torch.ones_like(lab) if w is None else w for lab, w in zip(labels, weights)])
+    return labelled_share(torch.cat(labels), weights), weights
 
 
 def pairwise_sigmoid_ce(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
