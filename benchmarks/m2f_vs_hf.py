@@ -12,7 +12,8 @@ queries (100), layers (6 encoder, 9 decoder), heads, points (12544, oversample 3
 A training step is forward + loss + backward + AdamW step; inference is forward + semantic scores at full
 resolution under ``torch.inference_mode``. Both heads live in one process and take turns, step by step; each
 figure is the fastest of ``--iters`` rounds after ``--warmup``, so load from other processes inflates neither
-side. Peak memory comes from one training step of each head in its own child process: on CUDA
+side. On CPU the process's CPU time per step is reported too: on a machine shared with other jobs it moves
+less than the wall time (exact with one thread, ``OMP_NUM_THREADS=1``). Peak memory comes from one training step of each head in its own child process: on CUDA
 ``torch.cuda.max_memory_allocated``, on CPU the peak resident set size above the size before the step.
 The last line is ``m2f train steps/s ours vs hf: N.NNx``.
 ``--quick``: 256 px, batch 1, two rounds (a CPU smoke run).
@@ -198,14 +199,15 @@ def _timings(args) -> dict[str, dict[str, float]]:
 
     torch.set_num_threads(args.threads)
     benches = {which: _Bench(which, args) for which in ("ours", "hf")}
-    times = {which: {"train_s": [], "infer_s": []} for which in benches}
+    times = {which: {"train_s": [], "infer_s": [], "train_cpu_s": [], "infer_cpu_s": []} for which in benches}
     for round_ in range(args.warmup + args.iters):
         for which, bench in benches.items():
-            for key, fn in (("train_s", bench.train_step), ("infer_s", bench.infer)):
-                start = time.perf_counter()
+            for key, fn in (("train", bench.train_step), ("infer", bench.infer)):
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
                 if round_ >= args.warmup:
-                    times[which][key].append(time.perf_counter() - start)
+                    times[which][f"{key}_s"].append(time.perf_counter() - start)
+                    times[which][f"{key}_cpu_s"].append(time.process_time() - start_cpu)
     return {which: {key: min(values) for key, values in per.items()} | {
         "params": sum(p.numel() for p in benches[which].head.parameters())} for which, per in times.items()}
 
@@ -245,6 +247,10 @@ def main() -> None:
               f"({r['train_s'] * 1000:.0f} ms) | inference {1 / r['infer_s']:.3f} batches/s "
               f"({r['infer_s'] * 1000:.0f} ms) | {memory} in a training step {r['train_peak'] / 2**20:.0f} MiB")
     ours, hf = results["ours"], results["hf"]
+    if not args.device.startswith("cuda"):
+        print(f"CPU time per step: train ours {ours['train_cpu_s']:.2f} s, hf {hf['train_cpu_s']:.2f} s "
+              f"({hf['train_cpu_s'] / ours['train_cpu_s']:.2f}x); inference ours {ours['infer_cpu_s']:.2f} s, "
+              f"hf {hf['infer_cpu_s']:.2f} s ({hf['infer_cpu_s'] / ours['infer_cpu_s']:.2f}x)")
     print(f"m2f inference ours vs hf: {hf['infer_s'] / ours['infer_s']:.2f}x")
     print(f"m2f train memory hf / ours: {hf['train_peak'] / max(ours['train_peak'], 1):.2f}x")
     print(f"m2f train steps/s ours vs hf: {hf['train_s'] / ours['train_s']:.2f}x")

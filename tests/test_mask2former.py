@@ -18,6 +18,9 @@ from heads.mask2former import (
     SimpleFeaturePyramid,
     semantic_to_targets,
 )
+from heads.mask2former.mask_logits import DenseMaskLogits, FactoredMaskLogits, select_matched
+from heads.mask2former.matcher import sample_matched_targets, sample_targets
+from heads.mask2former.pixel_decoder import sine_position_embedding
 from heads.ops import MSDeformAttn, average_over_processes, ms_deform_attn_core
 from heads.ops.ms_deform_attn import ms_deform_attn_grid_sample
 
@@ -241,6 +244,116 @@ def test_loss_terms_match_transformers():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+# ---------------------------------------------------------------- mask logits read where needed
+
+
+def _dense_layers(out):
+    """The decoder's prediction dicts with full mask logits ``(B, Q, H, W)`` instead of their factors."""
+    layers = [out] + out["aux_outputs"]
+    dense = [{"pred_logits": o["pred_logits"],
+              "pred_masks": torch.einsum("bqc,bchw->bqhw", o["mask_embed"], o["mask_features"])} for o in layers]
+    return dict(dense[0], aux_outputs=dense[1:])
+
+
+def test_factored_mask_logits_read_the_dense_ones():
+    g = torch.Generator().manual_seed(0)
+    embed, features = torch.randn(2, 5, 8, generator=g), torch.randn(2, 8, 11, 13, generator=g)
+    dense = DenseMaskLogits(torch.einsum("bqc,bchw->bqhw", embed, features))
+    factored = FactoredMaskLogits(embed, features)
+    coords = torch.cat([torch.rand(50, 2, generator=g), torch.tensor([[0.0, 0.0], [0.999, 0.5], [0.02, 0.98]])])
+    for b in range(2):
+        torch.testing.assert_close(factored.at_points(b, coords), dense.at_points(b, coords), rtol=1e-5, atol=1e-5)
+    queries = [[torch.tensor([3, 0]), torch.tensor([4])], [torch.tensor([], dtype=torch.long), torch.tensor([1, 2])]]
+    other = FactoredMaskLogits(embed.flip(1), features)  # a second layer on the same features: read in one product
+    ref = [dense.select(queries[0]), DenseMaskLogits(dense.masks.flip(1)).select(queries[1])]
+    for got, want in zip(select_matched([factored, other], queries), ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_matched_targets_read_in_place_equal_gathered_masks():
+    mask = blocky_masks(3, 40, 48, 5, seed=6, block=8)
+    mask[1, :7] = 255  # one image with ignored pixels, one without, one with nothing labelled
+    mask[2] = 255
+    targets = semantic_to_targets(mask, 5)
+    n0, n1 = len(targets[0]["labels"]), len(targets[1]["labels"])
+    # image 0: every target matched (read in place); image 1: two targets left unmatched (gathered)
+    indices = [(torch.arange(n0), torch.randperm(n0)), (torch.arange(n1 - 2), torch.randperm(n1)[: n1 - 2]),
+               (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))]
+    coords = torch.rand(n0 + n1 - 2, 37, 2)
+    labels, weights = sample_matched_targets(targets, indices, coords)
+    masks = torch.cat([t["masks"][tgt] for t, (_, tgt) in zip(targets, indices)])
+    valid = torch.cat([(t["valid"] if t["valid"] is not None else torch.ones(40, 48))[None].expand(len(tgt), -1, -1)
+                       for t, (_, tgt) in zip(targets, indices)])
+    ref_labels, ref_weights = sample_targets(masks, valid, coords)
+    torch.testing.assert_close(labels, ref_labels)
+    torch.testing.assert_close(weights, ref_weights)
+    assert sample_matched_targets(targets[:1], indices[:1], coords[:n0])[1] is None
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_criterion_on_factored_masks_equals_dense_masks(ignore):
+    """Losses and gradients from the decoder's mask embeddings equal those from full (B, Q, H, W) mask logits."""
+    feats = vit_features(h=4, w=5, seed=2)
+    torch.manual_seed(0)
+    head = Mask2FormerHead(feats.channels, feats.strides, num_classes=4, **TINY)
+    mask = blocky_masks(2, 64, 80, 4, seed=1)
+    if ignore:
+        mask[0, :20] = 255
+        mask[1] = 255  # an image with no target: nothing matched there
+    targets = semantic_to_targets(mask, 4)
+    results = []
+    for dense in (False, True):
+        head.zero_grad(set_to_none=True)
+        out = head(feats, (64, 80))
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            terms = head.criterion.layer_terms(_dense_layers(out) if dense else out, targets)
+        sum(sum(t.values()) for t in terms).backward()
+        results.append((terms, {n: p.grad.clone() for n, p in head.named_parameters()}))
+    (factored, g_factored), (dense, g_dense) = results
+    for a, b in zip(factored, dense):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    scale = max(g.abs().max() for g in g_dense.values())
+    for name in g_dense:
+        torch.testing.assert_close(g_factored[name], g_dense[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_decoder_attention_masks_equal_resized_full_masks():
+    """The decoder's attention masks (mask embeddings x features resized to each level) give the same queries as
+    masks from full-resolution logits resized per layer (the reference algorithm, written out here)."""
+    feats = vit_features(h=6, w=5, seed=4)
+    torch.manual_seed(1)
+    head = Mask2FormerHead(feats.channels, feats.strides, num_classes=3, **dict(TINY, dec_layers=4)).eval()
+    dec = head.transformer_decoder
+    with torch.no_grad():
+        mask_features, multi_scale = head.pixel_decoder(head.neck_levels(feats))
+        out = dec(multi_scale, mask_features)
+        b = mask_features.shape[0]
+        memories, positions = [], []
+        for lvl, x in enumerate(multi_scale):
+            positions.append(sine_position_embedding(b, *x.shape[-2:], dec.hidden_dim).flatten(2).transpose(1, 2))
+            memories.append(x.flatten(2).transpose(1, 2) + dec.level_embed.weight[lvl])
+        queries, query_pos = (e.weight[None].expand(b, -1, -1) for e in (dec.query_feat, dec.query_embed))
+        ref_logits = []
+        for i in range(dec.num_layers + 1):
+            x = dec.decoder_norm(queries)
+            ref_logits.append(dec.class_embed(x))
+            if i == dec.num_layers:
+                break
+            masks = torch.einsum("bqc,bchw->bqhw", dec.mask_embed(x), mask_features)
+            lvl = i % dec.num_feature_levels
+            small = F.interpolate(masks, size=multi_scale[lvl].shape[-2:], mode="bilinear", align_corners=False)
+            blocked = small.flatten(2).sigmoid() < 0.5
+            blocked = (blocked & ~blocked.all(-1, keepdim=True)).repeat_interleave(dec.num_heads, 0)
+            queries = dec.cross_attention_layers[i](queries, memories[lvl], blocked, positions[lvl], query_pos)
+            queries = dec.ffn_layers[i](dec.self_attention_layers[i](queries, query_pos))
+        ref_masks = torch.einsum("bqc,bchw->bqhw", dec.mask_embed(dec.decoder_norm(queries)), mask_features)
+    for a, ref in zip(out["aux_outputs"] + [out], ref_logits):
+        torch.testing.assert_close(a["pred_logits"], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["pred_masks"], ref_masks, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- ignore handling
 
 
@@ -292,7 +405,8 @@ def test_head_shapes_odd_size(kind):
     assert out["pred_masks"].shape == (2, 6, 20, 28)
     assert len(out["aux_outputs"]) == TINY["dec_layers"]
     for a in out["aux_outputs"]:
-        assert a["pred_logits"].shape == (2, 6, 6) and a["pred_masks"].shape == (2, 6, 20, 28)
+        assert a["pred_logits"].shape == (2, 6, 6) and a["mask_embed"].shape == (2, 6, 32)
+        assert a["mask_features"].shape == (2, 32, 20, 28)
     pred = head.predict(out, size)
     assert pred.shape == (2, 5, 80, 112)
     # independent reference: loop over queries

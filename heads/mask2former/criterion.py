@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import average_over_processes
-from .matcher import HungarianMatcher, point_sample, sample_targets
+from .mask_logits import layer_mask_logits, point_sample, select_matched
+from .matcher import HungarianMatcher, sample_matched_targets
 
 
 def semantic_to_targets(mask: Tensor, num_classes: int, ignore_index: int = 255) -> list[dict]:
@@ -44,23 +45,26 @@ def semantic_to_targets(mask: Tensor, num_classes: int, ignore_index: int = 255)
     return targets
 
 
-def sample_uncertain_points(logits: Tensor, num_points: int, oversample_ratio: float, importance_sample_ratio: float) -> Tensor:
-    """PointRend importance sampling on ``(N, 1, h, w)`` mask logits -> ``(N, num_points, 2)`` coords in ``[0, 1]``.
+def draw_uniform_points(n: int, num_points: int, oversample_ratio: float, importance_sample_ratio: float,
+                        device=None) -> tuple[Tensor, Tensor | None]:
+    """The uniform draws of PointRend importance sampling for ``n`` masks, in the reference order:
+    ``int(num_points * oversample_ratio)`` candidates ``(n, S, 2)`` and the fresh points ``(n, R, 2)`` that complete
+    the ``int(importance_sample_ratio * num_points)`` chosen ones (None when ``R = 0``), in ``[0, 1]``."""
+    candidates = torch.rand(n, int(num_points * oversample_ratio), 2, device=device)
+    num_random = num_points - int(importance_sample_ratio * num_points)
+    return candidates, (torch.rand(n, num_random, 2, device=device) if num_random > 0 else None)
 
-    Uncertainty is ``-|logit|``; of ``int(num_points * oversample_ratio)`` uniform candidates the
-    ``int(importance_sample_ratio * num_points)`` most uncertain are kept, the rest are fresh uniform points.
+
+def choose_uncertain_points(logits: Tensor, candidates: Tensor, fresh: Tensor | None, num_uncertain: int) -> Tensor:
+    """PointRend importance sampling on ``(N, 1, h, w)`` mask logits -> ``(N, P, 2)`` coords in ``[0, 1]``.
+
+    Uncertainty is ``-|logit|``; of the ``candidates`` ``(N, S, 2)`` the ``num_uncertain`` most uncertain are kept,
+    then the ``fresh`` points ``(N, R, 2)`` are appended (``P = num_uncertain + R``).
     """
-    n = logits.shape[0]
-    num_sampled = int(num_points * oversample_ratio)
-    coords = torch.rand(n, num_sampled, 2, device=logits.device)
-    uncertainty = -point_sample(logits, coords).abs()[:, 0]  # (N, num_sampled)
-    num_uncertain = int(importance_sample_ratio * num_points)
-    idx = uncertainty.topk(num_uncertain, dim=1)[1]
-    coords = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 2))
-    num_random = num_points - num_uncertain
-    if num_random > 0:
-        coords = torch.cat([coords, torch.rand(n, num_random, 2, device=logits.device)], 1)
-    return coords
+    uncertainty = -point_sample(logits, candidates).abs()[:, 0]  # (N, S)
+    idx = uncertainty.topk(num_uncertain, dim=1, sorted=False)[1]  # the losses average over points: order is free
+    coords = torch.gather(candidates, 1, idx[..., None].expand(-1, -1, 2))
+    return coords if fresh is None else torch.cat([coords, fresh], 1)
 
 
 class Mask2FormerCriterion(nn.Module):
@@ -105,28 +109,16 @@ class Mask2FormerCriterion(nn.Module):
         return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, weight=self.empty_weight.float())
 
     def loss_masks(
-        self, pred_masks: Tensor, targets: list[dict], indices: list[tuple[Tensor, Tensor]], num_masks: Tensor
+        self, preds: Tensor, targets: list[dict], indices: list[tuple[Tensor, Tensor]],
+        draws: tuple[Tensor, Tensor | None], num_masks: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """Point-sampled BCE and dice of the matched pairs, each summed over pairs / ``num_masks``."""
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        src_idx = torch.cat([src for src, _ in indices])
-        if src_idx.numel() == 0:
-            zero = pred_masks.sum() * 0.0  # keeps every mask parameter in the graph (DDP)
-            return zero, zero
-        dev = pred_masks.device
-        preds = pred_masks[batch_idx.to(dev), src_idx.to(dev)][:, None].float()  # (N, 1, h, w)
-        masks = torch.cat([t["masks"][tgt] for t, (_, tgt) in zip(targets, indices)])  # (N, H, W)
-        valid = None
-        if any(t.get("valid") is not None for t in targets):
-            valid = torch.cat(
-                [
-                    (t["valid"] if t.get("valid") is not None else torch.ones_like(t["masks"][0]))[None].expand(len(tgt), -1, -1)
-                    for t, (_, tgt) in zip(targets, indices)
-                ]
-            )
+        """Point-sampled BCE and dice of the ``N`` matched pairs, each summed over pairs / ``num_masks``.
+
+        ``preds``: ``(N, 1, h, w)`` logits of the matched queries (image-major, as ``indices``); ``draws``: their
+        ``draw_uniform_points``."""
         with torch.no_grad():
-            coords = sample_uncertain_points(preds, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
-            labels, weights = sample_targets(masks, valid, coords)
+            coords = choose_uncertain_points(preds, *draws, int(self.importance_sample_ratio * self.num_points))
+            labels, weights = sample_matched_targets(targets, indices, coords)
         logits = point_sample(preds, coords).squeeze(1)  # (N, P)
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         probs = logits.sigmoid()
@@ -141,20 +133,37 @@ class Mask2FormerCriterion(nn.Module):
         loss_dice = 1 - (numerator + 1) / (denominator + 1)
         return loss_mask.sum() / num_masks, loss_dice.sum() / num_masks
 
-    def layer_losses(self, pred_logits: Tensor, pred_masks: Tensor, targets: list[dict], num_masks: Tensor) -> dict[str, Tensor]:
-        """Match one prediction layer and return its unweighted ``{"ce", "mask", "dice"}``."""
-        indices = self.matcher(pred_logits, pred_masks, targets)
-        loss_mask, loss_dice = self.loss_masks(pred_masks, targets, indices, num_masks)
-        return {"ce": self.loss_labels(pred_logits, targets, indices), "mask": loss_mask, "dice": loss_dice}
-
     def layer_terms(self, outputs: dict, targets: list[dict], num_masks: Tensor | float | None = None) -> list[dict[str, Tensor]]:
-        """Unweighted terms of every supervised layer: the final prediction first, then ``aux_outputs``."""
+        """Unweighted ``{"ce", "mask", "dice"}`` of every supervised layer: the final prediction first, then ``aux_outputs``.
+
+        A layer's mask logits come from its ``mask_embed`` and ``mask_features`` when it has them (only where
+        needed, see ``mask_logits``), else from its ``pred_masks`` ``(B, Q, h, w)``. The random draws come in
+        the reference order (match layer 1, draw its loss points, match layer 2, ...); the matched queries' logits
+        of all layers are then read at once (``select_matched``), and the losses computed layer by layer.
+        """
         if num_masks is None:
             num_masks = average_over_processes(sum(len(t["labels"]) for t in targets), outputs["pred_logits"].device)
         layers = [outputs]
         if self.deep_supervision:
             layers += list(outputs.get("aux_outputs", []))
-        return [self.layer_losses(o["pred_logits"], o["pred_masks"], targets, num_masks) for o in layers]
+        masks = layer_mask_logits(layers)
+        plans = []
+        for layer, m in zip(layers, masks):
+            indices = self.matcher(layer["pred_logits"], m, targets)
+            n = sum(len(src) for src, _ in indices)
+            draws = draw_uniform_points(n, self.num_points, self.oversample_ratio, self.importance_sample_ratio,
+                                        m.device) if n else None
+            plans.append((indices, draws))
+        matched = select_matched(masks, [[src for src, _ in indices] for indices, _ in plans])
+        terms = []
+        for layer, m, (indices, draws), preds in zip(layers, masks, plans, matched):
+            if draws is None:
+                loss_mask = loss_dice = m.zero()  # keeps every mask parameter in the graph (DDP)
+            else:
+                loss_mask, loss_dice = self.loss_masks(preds[:, None], targets, indices, draws, num_masks)
+            terms.append({"ce": self.loss_labels(layer["pred_logits"], targets, indices), "mask": loss_mask,
+                          "dice": loss_dice})
+        return terms
 
     def forward(self, outputs: dict, targets: list[dict], num_masks: Tensor | float | None = None) -> dict[str, Tensor]:
         terms = self.layer_terms(outputs, targets, num_masks)

@@ -56,7 +56,8 @@ class Mask2FormerHead(nn.Module):
         fp32_pixel_decoder: run the pixel decoder in float32 even under autocast (Meta's head does).
 
     ``forward(features, image_size)`` -> ``{"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, ceil(H/4), ceil(W/4)),
-    "aux_outputs": [{"pred_logits", "pred_masks"}] * dec_layers}``.
+    "mask_embed": (B, Q, C), "mask_features": (B, C, ceil(H/4), ceil(W/4)),
+    "aux_outputs": [{"pred_logits", "mask_embed", "mask_features"}] * dec_layers}`` (see ``MaskedTransformerDecoder``).
     """
 
     output_stride = 4  # mask logits live at 1/4 of the input

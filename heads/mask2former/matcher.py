@@ -14,11 +14,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-
-def point_sample(inputs: Tensor, coords: Tensor, **grid_sample_kwargs) -> Tensor:
-    """Bilinearly read ``inputs`` ``(N, C, H, W)`` at ``coords`` ``(N, P, 2)`` in ``[0, 1]`` ``(x, y)`` -> ``(N, C, P)``."""
-    grid_sample_kwargs.setdefault("align_corners", False)
-    return F.grid_sample(inputs, 2.0 * coords[:, :, None, :] - 1.0, **grid_sample_kwargs).squeeze(3)
+from .mask_logits import DenseMaskLogits, FactoredMaskLogits, point_sample
 
 
 def sample_targets(masks: Tensor, valid: Tensor | None, coords: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -44,8 +40,48 @@ def sample_targets(masks: Tensor, valid: Tensor | None, coords: Tensor) -> tuple
     if valid is None:
         return labels, None
     weights = sample(valid, padding_mode="border").expand_as(labels)
-    labels = torch.where(weights > 0, labels / weights.clamp(min=1e-6), torch.zeros_like(labels)).clamp(0.0, 1.0)
-    return labels, weights
+    return labelled_share(labels, weights), weights
+
+
+def labelled_share(labels: Tensor, weights: Tensor) -> Tensor:
+    """Sampled labels renormalised over the labelled neighbours: ``label / weight`` (0 where the weight is 0)."""
+    return torch.where(weights > 0, labels / weights.clamp(min=1e-6), torch.zeros_like(labels)).clamp(0.0, 1.0)
+
+
+def sample_matched_targets(targets: list[dict], indices: list[tuple[Tensor, Tensor]],
+                           coords: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``sample_targets`` for matched pairs, each read at its own points.
+
+    Args:
+        targets: per image ``masks (N_i, H, W)`` and ``valid`` ``(H, W)`` or None.
+        indices: per image ``(query_idx, target_idx)`` of the matched pairs.
+        coords: ``(N, P, 2)`` points of the ``N`` pairs, image-major as ``indices``.
+
+    Returns:
+        ``labels (N, P)`` and ``weights (N, P)`` (None when no image has ignored pixels). Every target of an
+        image is matched once when there are at least as many queries as targets: the pairs' points are then
+        put in target order and the image's masks read in place, with no ``(N, H, W)`` copy of them.
+    """
+    labels, weights, start = [], [], 0
+    for t, (_, tgt) in zip(targets, indices):
+        if len(tgt) == 0:
+            continue
+        masks, tgt = t["masks"], tgt.to(t["masks"].device)
+        points = coords[start : start + len(tgt)]  # (n, P, 2)
+        start += len(tgt)
+        if len(tgt) == len(masks):
+            order = torch.empty_like(tgt)
+            order[tgt] = torch.arange(len(tgt), device=tgt.device)  # the pair matched to each target
+            labels.append(point_sample(masks[:, None].float(), points[order])[:, 0][tgt])
+        else:
+            labels.append(point_sample(masks[tgt][:, None].float(), points)[:, 0])
+        valid = t.get("valid")
+        weights.append(None if valid is None else point_sample(
+            valid[None, None].float(), points.reshape(1, -1, 2), padding_mode="border").view_as(labels[-1]))
+    if all(w is None for w in weights):
+        return torch.cat(labels), None
+    weights = torch.cat([torch.ones_like(lab) if w is None else w for lab, w in zip(labels, weights)])
+    return labelled_share(torch.cat(labels), weights), weights
 
 
 def pairwise_sigmoid_ce(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -79,7 +115,8 @@ class HungarianMatcher(nn.Module):
         cost_class, cost_mask, cost_dice: weights of the three costs.
         num_points: uniformly sampled points per image for the mask costs.
 
-    ``forward(pred_logits (B, Q, K+1), pred_masks (B, Q, h, w), targets)`` where ``targets`` is a list
+    ``forward(pred_logits (B, Q, K+1), pred_masks, targets)``: ``pred_masks`` the mask logits ``(B, Q, h, w)`` or a
+    ``DenseMaskLogits`` / ``FactoredMaskLogits`` reader of them; ``targets`` a list
     of dicts with ``labels (N_i,)``, ``masks (N_i, H, W)`` and ``valid`` ``(H, W)`` or None; returns a
     list of ``(query_idx, target_idx)`` LongTensor pairs of length ``min(Q, N_i)``, ``query_idx`` sorted.
     """
@@ -94,7 +131,9 @@ class HungarianMatcher(nn.Module):
         self.num_points = num_points
 
     @torch.no_grad()
-    def forward(self, pred_logits: Tensor, pred_masks: Tensor, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
+    def forward(self, pred_logits: Tensor, pred_masks: Tensor | DenseMaskLogits | FactoredMaskLogits,
+                targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
+        masks = DenseMaskLogits(pred_masks) if isinstance(pred_masks, Tensor) else pred_masks
         indices = []
         for b, tgt in enumerate(targets):
             labels = tgt["labels"]
@@ -104,13 +143,13 @@ class HungarianMatcher(nn.Module):
                 continue
             probs = pred_logits[b].float().softmax(-1)
             cost_class = -probs[:, labels]  # (Q, N)
-            coords = torch.rand(1, self.num_points, 2, device=pred_masks.device)
+            coords = torch.rand(1, self.num_points, 2, device=masks.device)
             valid = tgt.get("valid")
             # the same points for every query and target: sample them as channels of one image
             t_points, w_points = sample_targets(tgt["masks"], None if valid is None else valid[None], coords)
             if w_points is not None:
                 w_points = w_points[0]  # the same weights for every target of the image: (P,)
-            p_points = point_sample(pred_masks[b][None].float(), coords)[0]  # (Q, P)
+            p_points = masks.at_points(b, coords[0])  # (Q, P)
             cost_mask = pairwise_sigmoid_ce(p_points, t_points, w_points)
             cost_dice = pairwise_dice(p_points, t_points, w_points)
             cost = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice

@@ -7,6 +7,12 @@ encoding and a learned level embedding. Before the first layer and after every l
 prediction head gives class logits and mask logits; the mask logits, resized to the *next* level's
 resolution, become that layer's attention mask: a query only sees pixels where
 ``sigmoid(mask) >= 0.5`` (a query that would see nothing sees everything instead).
+
+Mask logits are ``einsum("bqc,bchw->bqhw", mask_embed, mask_features)``, linear in ``mask_features``, and
+bilinear resizing is linear too, so the logits resized to a level are the mask embeddings times
+``mask_features`` resized to that level (once per level, not once per layer). Only the final layer's
+logits are formed at full resolution (``pred_masks``); every layer returns its ``mask_embed``, from which
+the criterion reads logits only where it needs them (``mask_logits.FactoredMaskLogits``).
 """
 
 from __future__ import annotations
@@ -92,8 +98,10 @@ class MaskedTransformerDecoder(nn.Module):
 
     ``forward(multi_scale, mask_features)``: ``multi_scale`` = ``num_feature_levels`` maps
     ``(B, D, h_l, w_l)`` coarsest first, ``mask_features`` ``(B, mask_dim, H4, W4)`` ->
-    ``{"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H4, W4), "aux_outputs": [same, ...]}``
-    where ``aux_outputs`` holds the ``num_layers`` earlier predictions (the query-only one first).
+    ``{"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H4, W4), "mask_embed": (B, Q, mask_dim),
+    "mask_features": mask_features, "aux_outputs": [{"pred_logits", "mask_embed", "mask_features"}, ...]}``
+    where ``aux_outputs`` holds the ``num_layers`` earlier predictions (the query-only one first); their mask
+    logits are ``einsum("bqc,bchw->bqhw", mask_embed, mask_features)``.
     """
 
     def __init__(
@@ -123,21 +131,21 @@ class MaskedTransformerDecoder(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim or hidden_dim, 3)
 
-    def prediction_heads(self, queries: Tensor, mask_features: Tensor,
-                         attn_size: tuple[int, int] | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``queries`` ``(B, Q, D)`` -> logits ``(B, Q, K+1)``, masks ``(B, Q, H4, W4)``, attention mask ``(B*M, Q, h*w)`` bool
-        (None when ``attn_size`` is None: after the last layer)."""
+    def prediction_heads(self, queries: Tensor, attn_features: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``queries`` ``(B, Q, D)`` -> class logits ``(B, Q, K+1)``, mask embeddings ``(B, Q, C)`` and the attention mask
+        ``(B*M, Q, h*w)`` bool from ``attn_features`` = ``mask_features`` resized to the next level ``(B, C, h, w)``
+        (None after the last layer)."""
         x = self.decoder_norm(queries)
         logits = self.class_embed(x)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(x), mask_features)
-        if attn_size is None:
-            return logits, masks, None
+        embed = self.mask_embed(x)
+        if attn_features is None:
+            return logits, embed, None
         with torch.no_grad():
-            small = F.interpolate(masks.detach(), size=attn_size, mode="bilinear", align_corners=False)
+            small = torch.einsum("bqc,bchw->bqhw", embed, attn_features)  # = mask logits resized to (h, w)
             blocked = small.flatten(2).sigmoid() < 0.5  # (B, Q, h*w), True = may not attend
             blocked = blocked & ~blocked.all(-1, keepdim=True)  # a query that would see nothing sees everything
             blocked = blocked.repeat_interleave(self.num_heads, dim=0)  # (B*M, Q, h*w), batch-major like MHA
-        return logits, masks, blocked
+        return logits, embed, blocked
 
     def forward(self, multi_scale: Sequence[Tensor], mask_features: Tensor) -> dict:
         if len(multi_scale) != self.num_feature_levels:
@@ -149,21 +157,24 @@ class MaskedTransformerDecoder(nn.Module):
             sizes.append((h, w))
             positions.append(sine_position_embedding(b, h, w, self.hidden_dim, x.device, x.dtype).flatten(2).transpose(1, 2))
             memories.append(x.flatten(2).transpose(1, 2) + self.level_embed.weight[lvl].to(x.dtype))
+        with torch.no_grad():
+            attn_features = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False) for size in sizes]
         query_pos = self.query_embed.weight[None].expand(b, -1, -1)
         queries = self.query_feat.weight[None].expand(b, -1, -1)
 
         predictions = []
-        logits, masks, attn_mask = self.prediction_heads(queries, mask_features, sizes[0])
-        predictions.append({"pred_logits": logits, "pred_masks": masks})
+        logits, embed, attn_mask = self.prediction_heads(queries, attn_features[0])
+        predictions.append({"pred_logits": logits, "mask_embed": embed, "mask_features": mask_features})
         for i in range(self.num_layers):
             lvl = i % self.num_feature_levels
             queries = self.cross_attention_layers[i](queries, memories[lvl], attn_mask, positions[lvl], query_pos)
             queries = self.self_attention_layers[i](queries, query_pos)
             queries = self.ffn_layers[i](queries)
             last = i == self.num_layers - 1
-            logits, masks, attn_mask = self.prediction_heads(
-                queries, mask_features, None if last else sizes[(i + 1) % self.num_feature_levels])
-            predictions.append({"pred_logits": logits, "pred_masks": masks})
+            logits, embed, attn_mask = self.prediction_heads(
+                queries, None if last else attn_features[(i + 1) % self.num_feature_levels])
+            predictions.append({"pred_logits": logits, "mask_embed": embed, "mask_features": mask_features})
         out = dict(predictions[-1])
+        out["pred_masks"] = torch.einsum("bqc,bchw->bqhw", embed, mask_features)
         out["aux_outputs"] = predictions[:-1]
         return out

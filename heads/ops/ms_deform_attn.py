@@ -66,12 +66,29 @@ def ms_deform_attn_grid_sample(
     return out.view(b, m * d, lq).transpose(1, 2).contiguous()
 
 
+def _row_dots(table: Tensor, rows: Tensor, vectors: Tensor, block_elements: int = 2**18) -> Tensor:
+    """``out[n, k] = table[rows[n, k]] . vectors[n]``: ``(R, D)``, ``(N, K)``, ``(N, D)`` -> ``(N, K)``.
+
+    In blocks of bags whose gathered rows hold about ``block_elements`` values (cache-sized), one gather and one
+    ``vecdot`` each: on CPU about twice as fast as ``embedding_bag``'s per-sample-weight backward, which forms
+    one scalar dot product at a time.
+    """
+    n, k = rows.shape
+    out = torch.empty(n, k, dtype=vectors.dtype, device=vectors.device)
+    step = max(1, block_elements // (k * table.shape[1]))
+    for start in range(0, n, step):
+        block = slice(start, start + step)
+        torch.linalg.vecdot(F.embedding(rows[block], table), vectors[block, None, :], out=out[block])
+    return out
+
+
 class _GatherSum(torch.autograd.Function):
     """``out[n] = sum_k weights[n, k] * table[rows[n, k]]``: ``table (R, D)``, ``rows``, ``weights (N, K)`` -> ``(N, D)``.
 
     Gradients for ``table`` and ``weights``. The table gradient is the transposed gather-sum: the
     ``(n, k)`` pairs are grouped by row with one stable sort of the (integer) row indices, then one
-    ``embedding_bag`` sums ``weights * grad[n]`` per row.
+    ``embedding_bag`` sums ``weights * grad[n]`` per row. The weight gradient is a dot product per pair
+    (``_row_dots`` on CPU).
     """
 
     @staticmethod
@@ -93,11 +110,14 @@ class _GatherSum(torch.autograd.Function):
             grad_table = F.embedding_bag(torch.div(order, k, rounding_mode="floor"), grad.to(table.dtype), starts.long(),
                                          per_sample_weights=weights.reshape(-1).index_select(0, order), mode="sum")
         if ctx.needs_input_grad[2]:
-            flat = flat.long()
-            offsets = torch.arange(0, n * k, k, device=flat.device)
-            bags = torch.arange(n, device=flat.device).repeat_interleave(k)
-            grad_weights = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad.to(table.dtype), table, flat, offsets, bags, 0).view(n, k)
+            if table.device.type == "cpu":
+                grad_weights = _row_dots(table, rows, grad.to(table.dtype))
+            else:
+                flat = flat.long()
+                offsets = torch.arange(0, n * k, k, device=flat.device)
+                bags = torch.arange(n, device=flat.device).repeat_interleave(k)
+                grad_weights = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    grad.to(table.dtype), table, flat, offsets, bags, 0).view(n, k)
         return grad_table, None, grad_weights
 
 
