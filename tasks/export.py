@@ -189,7 +189,8 @@ def export_onnx(predictor: Predictor, path: str | Path, example_size: tuple[int,
     Batch, height and width are dynamic; height and width must be multiples of the backbone's ``pad_to``
     (16 for ViTs, 32 for ConvNeXt: pad bottom/right, as ``Predictor`` does). The ONNX model is run with
     onnxruntime at another batch size and another size than the one exported and compared with PyTorch (the
-    example is ``EXAMPLE_BLOCKS`` x ``pad_to`` x ``windows`` per side: no map of one cell). Detection outputs: ``boxes (B, k, 4)`` xyxy pixels, ``scores (B, k)``, ``labels (B, k)``, ``logits (B, Q, K)``,
+    example is ``EXAMPLE_BLOCKS`` x ``pad_to`` x ``windows`` per side: no map of one cell). Detection outputs:
+    ``boxes (B, k, 4)`` xyxy pixels, ``scores (B, k)``, ``labels (B, k)``, ``logits (B, Q, K)``,
     ``pred_boxes (B, Q, 4)`` normalised cxcywh; boxes are compared in units of the image size, and top-k entries
     whose scores tie within ``tolerance`` may come in another order or be swapped at the top-k cut-off (see
     ``_detection_diff``).

@@ -134,8 +134,8 @@ def test_windowed_plain_detr_onnx_with_other_batch_and_size(tmp_path, windows):
         assert _detection_diff(outputs, reference, ONNX_TOLERANCE, max(height, width)) <= 1e-4
 
 
-@pytest.mark.skipif(_SLOW, reason="set DINOV3_SLOW_TESTS=1 (about 5 min of CPU: 3 x 3 windows + a global view of 4 blocks "
-                                  "are traced, the ONNX graph is 10 ViT passes)")
+@pytest.mark.skipif(_SLOW, reason="set DINOV3_SLOW_TESTS=1 (about 5 min of CPU: 3 x 3 windows + a global view "
+                                  "of 4 blocks are traced, the ONNX graph is 10 ViT passes)")
 def test_seeded_meta_detector_onnx(tmp_path):
     """Meta's detector (seeded weights in Meta's file layout, read through load_predictor) passes the export check."""
     detector = write_meta_file(FIXTURES / "detector.manifest.json", tmp_path)
