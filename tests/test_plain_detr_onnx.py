@@ -105,7 +105,7 @@ def test_raw_pixel_boxes_are_normalised_for_onnx(tmp_path):
 
 
 @pytest.mark.parametrize("windows", [1, pytest.param(2, marks=pytest.mark.skipif(
-    _SLOW, reason="set DINOV3_SLOW_TESTS=1 (about 100 s of CPU: five backbone passes are traced)"))])
+    _SLOW, reason="set DINOV3_SLOW_TESTS=1 (about 2 min of CPU: five backbone passes are traced)"))])
 def test_windowed_plain_detr_onnx_with_other_batch_and_size(tmp_path, windows):
     """Export through the windows wrapper (1: one window + the resized global view; 2: four windows of symbolic
     sides + the global view) with dynamic batch / size; onnxruntime at shapes other than the example's
