@@ -23,6 +23,10 @@ from .predictor import BACKBONE_FILE, CONFIG_FILE, EXPORT_FORMAT, HEAD_FILE, Den
 
 ONNX_FILE = "model.onnx"
 ONNX_TOLERANCE = 1e-3
+# Sides of the ONNX export's example input, in multiples of the backbone's ``pad_to`` (x ``windows``): every map
+# of stride up to 4 pad_to (Plain-DETR's 64-px proposals) has at least 2 x 3 cells. torch.export fixes a size that
+# is 1 in the example to 1, so a 1-cell map in the example breaks (or silently changes) the graph at other sizes.
+EXAMPLE_BLOCKS = (8, 12)
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -119,10 +123,12 @@ class _DetectionOutputs(nn.Module):
     """Detection as batch tensors for ONNX.
 
     ``boxes (B, k, 4)`` xyxy input pixels clipped to the input, ``scores (B, k)``, ``labels (B, k)`` (the head's
-    top-k), and the raw ``logits (B, Q, K)`` and ``pred_boxes (B, Q, 4)`` (normalised cxcywh) they come from.
-    The steps of ``DenseModel.forward`` (pad, backbone, head, predict, clip) without its per-image list: a Python
-    loop over the batch and ``torch.tensor`` of the input size would freeze both in the exported graph. Heads
-    without ``predict_batched`` fall back to stacking ``predict``'s list (batch size then fixed; the check says so).
+    top-k), and the raw ``logits (B, Q, K)`` and ``pred_boxes (B, Q, 4)`` (normalised cxcywh) they come from; a
+    head whose ``pred_boxes`` are input pixels (``pixel_boxes = True``: Plain-DETR) has them divided by the padded
+    input size. The steps of ``DenseModel.forward`` (pad, backbone, head, predict, clip) without its per-image
+    list: a Python loop over the batch and ``torch.tensor`` of the input size would freeze both in the exported
+    graph. Heads without ``predict_batched`` fall back to stacking ``predict``'s list (batch size then fixed; the
+    check says so).
     """
 
     def __init__(self, model: DenseModel):
@@ -141,28 +147,37 @@ class _DetectionOutputs(nn.Module):
             boxes, scores, labels = (torch.stack([p[key] for p in predictions]) for key in ("boxes", "scores", "labels"))
         limit = torch.stack([torch.scalar_tensor(v, dtype=boxes.dtype, device=boxes.device)
                              for v in (width, height, width, height)])
-        return (torch.minimum(boxes.clamp(min=0), limit), scores, labels, outputs["pred_logits"].float(),
-                outputs["pred_boxes"].float())
+        raw = outputs["pred_boxes"].float()
+        if getattr(model.head, "pixel_boxes", False):
+            padded_h, padded_w = features.padded_size
+            raw = raw / torch.stack([torch.scalar_tensor(v, dtype=raw.dtype, device=raw.device)
+                                     for v in (padded_w, padded_h, padded_w, padded_h)])
+        return torch.minimum(boxes.clamp(min=0), limit), scores, labels, outputs["pred_logits"].float(), raw
 
 
 def _detection_diff(outputs: list[torch.Tensor], reference: list[torch.Tensor], tolerance: float, size: int) -> float:
     """Max abs diff of ``DETECTION_OUTPUTS``, boxes divided by ``size`` (the input's longer side).
 
-    Top-k entries whose scores tie within ``tolerance`` may legitimately come in another order: when the entries
-    differ by position, every ONNX detection must then equal (label, and box and score within ``tolerance``) a
-    PyTorch detection of the same image, and the diff is that of the scores and the raw outputs.
+    Top-k entries whose scores tie within ``tolerance`` may legitimately come in another order, and at the cut-off
+    another of the tied entries may be kept. When the entries differ by position, every ONNX detection must then
+    equal (label, and box and score within ``tolerance``) a PyTorch detection of the same image, or score within
+    ``tolerance`` of PyTorch's last kept score (at most as many such as PyTorch keeps there), and the diff is that
+    of the scores and the raw outputs (``logits``, ``pred_boxes``: normalised), which the top-k is taken from.
     """
     boxes, scores, labels, logits, raw = outputs
     ref_boxes, ref_scores, ref_labels, ref_logits, ref_raw = reference
     boxes, ref_boxes = boxes / size, ref_boxes / size
     dense = max(max_abs_diff(scores, ref_scores), max_abs_diff(logits, ref_logits), max_abs_diff(raw, ref_raw))
     positional = max(dense, max_abs_diff(boxes, ref_boxes), max_abs_diff(labels, ref_labels))
-    if positional <= tolerance or dense > tolerance:
+    if positional <= tolerance or dense > tolerance or not scores.shape[-1]:
         return positional
     for b in range(boxes.shape[0]):
         same = ((labels[b][:, None] == ref_labels[b][None]) & ((scores[b][:, None] - ref_scores[b][None]).abs() <= tolerance)
                 & ((boxes[b][:, None] - ref_boxes[b][None]).abs().amax(-1) <= tolerance))
-        if not bool(same.any(1).all()):
+        unmatched = ~same.any(1)
+        last = ref_scores[b][-1]
+        at_cut = int(((ref_scores[b] - last).abs() <= tolerance).sum())
+        if not bool(((scores[b][unmatched] - last).abs() <= tolerance).all()) or int(unmatched.sum()) > at_cut:
             return positional
     return dense
 
@@ -173,10 +188,12 @@ def export_onnx(predictor: Predictor, path: str | Path, example_size: tuple[int,
 
     Batch, height and width are dynamic; height and width must be multiples of the backbone's ``pad_to``
     (16 for ViTs, 32 for ConvNeXt: pad bottom/right, as ``Predictor`` does). The ONNX model is run with
-    onnxruntime at another batch size and another size than the one exported and compared with PyTorch.
-    Detection outputs: ``boxes (B, k, 4)`` xyxy pixels, ``scores (B, k)``, ``labels (B, k)``, ``logits (B, Q, K)``,
+    onnxruntime at another batch size and another size than the one exported and compared with PyTorch (the
+    example is ``EXAMPLE_BLOCKS`` x ``pad_to`` x ``windows`` per side: no map of one cell). Detection outputs:
+    ``boxes (B, k, 4)`` xyxy pixels, ``scores (B, k)``, ``labels (B, k)``, ``logits (B, Q, K)``,
     ``pred_boxes (B, Q, 4)`` normalised cxcywh; boxes are compared in units of the image size, and top-k entries
-    whose scores tie within ``tolerance`` may come in another order (see ``_detection_diff``).
+    whose scores tie within ``tolerance`` may come in another order or be swapped at the top-k cut-off (see
+    ``_detection_diff``).
 
     Returns:
         the max abs difference; raises ``RuntimeError`` when it exceeds ``tolerance`` or the export fails.
@@ -192,7 +209,7 @@ def export_onnx(predictor: Predictor, path: str | Path, example_size: tuple[int,
     module = (_DetectionOutputs(model) if detection else model).eval()
     names = DETECTION_OUTPUTS if detection else ["dense"]
     grid = max(1, int(getattr(model.backbone, "windows", 0)))  # windowed features: whole patches in every window
-    example_size = example_size or (4 * grid * multiple, 6 * grid * multiple)
+    example_size = example_size or tuple(n * grid * multiple for n in EXAMPLE_BLOCKS)
     check_size = check_size or (7 * multiple, 5 * multiple)
     batch = torch.export.Dim("batch", min=1, max=1024)
     height = multiple * torch.export.Dim("height_blocks", min=1, max=8192 // multiple)

@@ -60,6 +60,8 @@ class PlainDETRHead(nn.Module):
         topk: detections kept per image by :meth:`predict` (Meta: 1500).
     """
 
+    pixel_boxes = True  # pred_boxes are input pixels (DETRHead's: normalised); ONNX export normalises them
+
     def __init__(
         self,
         in_channels: Sequence[int],
