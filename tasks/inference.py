@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from heads.ops.upsampled_ce import bilinear_weights
+
 DenseFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -56,7 +58,7 @@ def window_size(height: int, width: int, crop: tuple[int, int], small_image: str
 
 def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[int, int],
                     stride: int | tuple[int, int], batch_size: int = 8, out_device: torch.device | str | None = None,
-                    output_stride: int = 1) -> list[torch.Tensor]:
+                    output_stride: int = 1, upsample: bool = False) -> list[torch.Tensor]:
     """Run ``fn`` over sliding windows of each image and stitch the averaged outputs.
 
     Args:
@@ -72,6 +74,12 @@ def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[i
             (``(N, C, ceil(h/s), ceil(w/s))``, a head's native resolution); each window is stitched on that grid
             at its start rounded to a multiple of ``s`` (the last window of a row or column at the image's
             end), and the averaged grid is upsampled once, bilinearly, to the image size.
+        upsample: with ``output_stride`` ``s > 1``: ``fn`` gives ``(N, C, g_h, g_w)`` outputs whose grid upsampled
+            ``s`` times covers the crop from its top-left corner (a head's native output on the input padded
+            bottom/right); each is upsampled bilinearly to the crop as it is stitched at full resolution. The
+            result is that of ``output_stride=1`` with a ``fn`` that upsampled its outputs itself (``F.interpolate``,
+            ``align_corners=False``, cut to the crop: a linear head's ``predict``), up to float rounding, without the
+            upsampled windows in memory (see :class:`WindowMean`).
 
     Returns:
         One ``(C, H_i, W_i)`` tensor per image: the mean of the overlapping window outputs.
@@ -100,7 +108,8 @@ def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[i
             if canvases[i] is None:
                 ys = sorted({top for j, top, _ in windows if j == i})
                 xs = sorted({left for j, _, left in windows if j == i})
-                canvases[i] = WindowMean(tuple(padded[i].shape[-2:]), (crop_h, crop_w), ys, xs, output_stride)
+                canvases[i] = WindowMean(tuple(padded[i].shape[-2:]), (crop_h, crop_w), ys, xs, output_stride,
+                                         upsample)
             canvases[i].add(y, x, output.to(out_device or output.device))
     return [canvas.result()[:, :image.shape[-2], :image.shape[-1]] for canvas, image in zip(canvases, images)]
 
@@ -115,33 +124,52 @@ class WindowMean:
 
     With ``output_stride`` ``s > 1`` the mean is kept on the ``s``-times coarser grid (windows placed at their
     start rounded to the grid, the last one ending at the grid's end) and :meth:`result` upsamples it once.
+    With ``upsample`` as well, the mean stays at full resolution and each coarse output is upsampled bilinearly
+    (``align_corners=False``) as it is added, separably: its rows once per window (a small ``(C, crop_h, g_w)``),
+    its columns by one batched matrix product per cell written straight into the cell. The values are those of
+    ``F.interpolate`` to the padded window cut to the window (as a head's ``predict`` gives them) up to float
+    rounding, and the upsampled window is never in memory.
     """
 
     def __init__(self, size: tuple[int, int], crop: tuple[int, int], ys: list[int], xs: list[int],
-                 output_stride: int = 1):
-        self.size, self.stride = size, output_stride
-        self.grid = tuple(-(-n // output_stride) for n in size)
-        self.crop = tuple(-(-c // output_stride) for c in crop)
-        self.rows = {y: self._snap(y, crop[0], size[0], 0) for y in ys}
-        self.cols = {x: self._snap(x, crop[1], size[1], 1) for x in xs}
+                 output_stride: int = 1, upsample: bool = False):
+        self.size, self.window, self.stride = size, crop, output_stride
+        self.upsample = upsample and output_stride > 1
+        scale = 1 if self.upsample else output_stride  # pixels per cell of the mean
+        self.grid = tuple(-(-n // scale) for n in size)
+        self.crop = tuple(-(-c // scale) for c in crop)
+        self.rows = {y: self._snap(y, crop[0], size[0], 0, scale) for y in ys}
+        self.cols = {x: self._snap(x, crop[1], size[1], 1, scale) for x in xs}
         self.row_segments = _segments(sorted(self.rows.values()), self.crop[0], self.grid[0])
         self.col_segments = _segments(sorted(self.cols.values()), self.crop[1], self.grid[1])
         self.written: set[tuple[int, int]] = set()
         self.total: torch.Tensor | None = None
+        self._upsamplers: dict[tuple[int, int], SeparableBilinear] = {}
 
-    def _snap(self, start: int, crop: int, length: int, axis: int) -> int:
-        """A window start on the output grid: the nearest grid line, or the grid's end for the last window."""
+    def _snap(self, start: int, crop: int, length: int, axis: int, scale: int) -> int:
+        """A window start on the mean's grid: the nearest grid line, or the grid's end for the last window."""
         if start + crop >= length:
             return self.grid[axis] - self.crop[axis]
-        return (2 * start + self.stride) // (2 * self.stride)
+        return (2 * start + scale) // (2 * scale)
 
     def add(self, y: int, x: int, output: torch.Tensor) -> None:
-        """Add one window's ``(C, crop_h / s, crop_w / s)`` output, its window starting at pixel ``(y, x)``."""
-        if tuple(output.shape[-2:]) != self.crop:
+        """Add one window's output, its window starting at pixel ``(y, x)``: ``(C, crop_h / s, crop_w / s)`` (rounded
+        up), or with ``upsample`` ``(C, g_h, g_w)`` whose grid upsampled ``s`` times covers the crop."""
+        if self.upsample:
+            if output.shape[-2] * self.stride < self.window[0] or output.shape[-1] * self.stride < self.window[1]:
+                raise ValueError(f"the dense function gave a {tuple(output.shape[-2:])} output: upsampled "
+                                 f"{self.stride} times it does not cover the {self.window} window")
+        elif tuple(output.shape[-2:]) != self.crop:
             raise ValueError(f"the dense function gave a {tuple(output.shape[-2:])} output for a window whose output "
                              f"grid is {self.crop} (crop / output_stride {self.stride}, rounded up)")
         if self.total is None:
             self.total = torch.empty(output.shape[0], *self.grid, dtype=output.dtype, device=output.device)
+        if self.upsample:
+            grid = tuple(output.shape[-2:])
+            if grid not in self._upsamplers:
+                self._upsamplers[grid] = SeparableBilinear(grid, self.stride, self.window, output)
+            upsampler = self._upsamplers[grid]
+            output = upsampler.height(output)  # (C, crop_h, g_w): small
         top, left = self.rows[y], self.cols[x]
         for r, (y0, y1, count_y) in enumerate(self.row_segments):
             if y0 < top or y1 > top + self.crop[0]:
@@ -149,23 +177,81 @@ class WindowMean:
             for c, (x0, x1, count_x) in enumerate(self.col_segments):
                 if x0 < left or x1 > left + self.crop[1]:
                     continue
-                part = output[:, y0 - top:y1 - top, x0 - left:x1 - left]
+                part = output[:, y0 - top:y1 - top]
                 cell = self.total[:, y0:y1, x0:x1]
                 weight = 1.0 / (count_y * count_x)
-                if (r, c) in self.written:
-                    cell.add_(part, alpha=weight)
+                first = (r, c) not in self.written
+                if self.upsample:  # the width upsampling written straight into the cell
+                    upsampler.width_into(cell, part, x0 - left, x1 - left, weight, accumulate=not first)
+                elif not first:
+                    cell.add_(part[..., x0 - left:x1 - left], alpha=weight)
                 elif weight == 1.0:
-                    cell.copy_(part)
+                    cell.copy_(part[..., x0 - left:x1 - left])
                 else:
-                    torch.mul(part, weight, out=cell)
+                    torch.mul(part[..., x0 - left:x1 - left], weight, out=cell)
                 self.written.add((r, c))
 
     def result(self) -> torch.Tensor:
         """The mean ``(C, H, W)`` (upsampled from the coarse grid when ``output_stride > 1``)."""
-        if self.stride == 1:
+        if self.stride == 1 or self.upsample:
             return self.total
         size = (self.grid[0] * self.stride, self.grid[1] * self.stride)
-        return F.interpolate(self.total[None], size=size, mode="bilinear", align_corners=False)[0]
+        return SeparableBilinear(self.grid, self.stride, size, self.total)(self.total)
+
+
+class SeparableBilinear:
+    """Bilinear upsampling ``s`` times (``align_corners=False``, as ``F.interpolate``) of a ``(C, g_h, g_w)`` grid,
+    cut to its top-left ``size``, as two matrix products: ``A_h @ x @ A_w^T`` with ``A`` the 1-D weights.
+
+    Each block of output rows or columns reads only the few input rows or columns its weights touch, so the
+    products cost about ``(block / s + 2)`` multiply-adds per output value and write it once, straight into the
+    destination (BLAS, no ``(C, H, W)`` temporary). Equal to ``F.interpolate`` up to float rounding.
+    """
+
+    def __init__(self, grid: tuple[int, int], stride: int, size: tuple[int, int], like: torch.Tensor):
+        self.size = size
+        self._host = (bilinear_weights(grid[0], grid[0] * stride)[:size[0]],
+                      bilinear_weights(grid[1], grid[1] * stride)[:size[1]])  # (h, g_h), (w, g_w)
+        self.rows = self._host[0].to(like.device, like.dtype)
+        self.cols_t = self._host[1].t().contiguous().to(like.device, like.dtype)  # (g_w, w)
+        self._bands: dict[tuple[int, int, int], tuple[int, int]] = {}
+
+    def _band(self, axis: int, begin: int, end: int) -> tuple[int, int]:
+        """The input lines ``[a, b)`` that output lines ``[begin, end)`` of ``axis`` read (from the host copy)."""
+        key = (axis, begin, end)
+        if key not in self._bands:
+            used = self._host[axis][begin:end].ne(0).any(0).nonzero()[:, 0]
+            self._bands[key] = (int(used[0]), int(used[-1]) + 1)
+        return self._bands[key]
+
+    def height(self, x: torch.Tensor, begin: int = 0, end: int | None = None) -> torch.Tensor:
+        """Output rows ``[begin, end)`` upsampled along the height only: ``(C, end - begin, g_w)``."""
+        end = self.size[0] if end is None else end
+        a, b = self._band(0, begin, end)
+        return self.rows[begin:end, a:b] @ x[:, a:b]
+
+    def width_into(self, out: torch.Tensor, part: torch.Tensor, begin: int, end: int, alpha: float = 1.0,
+                   accumulate: bool = False) -> None:
+        """``out (C, h, end - begin) [+]= alpha * part (C, h, g_w) @ A_w^T[:, begin:end]``: output columns
+        ``[begin, end)`` of height-upsampled rows ``part``, written or added in place."""
+        a, b = self._band(1, begin, end)
+        blend = self.cols_t[a:b, begin:end]
+        if accumulate:
+            out.baddbmm_(part[..., a:b], blend.expand(part.shape[0], -1, -1), alpha=alpha)
+        else:
+            torch.bmm(part[..., a:b], (blend if alpha == 1.0 else blend * alpha).expand(part.shape[0], -1, -1),
+                      out=out)
+
+    def __call__(self, x: torch.Tensor, block: int = 256) -> torch.Tensor:
+        """The whole upsampled ``(C, *size)``, in blocks of ``block`` rows and columns."""
+        out = torch.empty(x.shape[0], *self.size, dtype=x.dtype, device=x.device)
+        for top in range(0, self.size[0], block):
+            bottom = min(top + block, self.size[0])
+            rows = self.height(x, top, bottom)
+            for left in range(0, self.size[1], block):
+                right = min(left + block, self.size[1])
+                self.width_into(out[:, top:bottom, left:right], rows, left, right)
+        return out
 
 
 def _segments(starts: list[int], crop: int, length: int) -> list[tuple[int, int, int]]:
@@ -177,7 +263,7 @@ def _segments(starts: list[int], crop: int, length: int) -> list[tuple[int, int,
 def dense_inference(fn: DenseFn, images: list[torch.Tensor], mode: str, crop: int | tuple[int, int] = 512,
                     stride: int | tuple[int, int] = 341, batch_size: int = 8,
                     out_device: torch.device | str | None = None, small_image: str = "pad",
-                    output_stride: int = 1) -> list[torch.Tensor]:
+                    output_stride: int = 1, upsample: bool = False) -> list[torch.Tensor]:
     """``mode="slide"``: :func:`slide_inference`; ``mode="whole"``: :func:`whole_inference` (``output_stride`` 1).
 
     ``small_image`` (slide): ``pad`` or ``shrink`` images smaller than the crop (see :func:`window_size`); with
@@ -191,7 +277,7 @@ def dense_inference(fn: DenseFn, images: list[torch.Tensor], mode: str, crop: in
         results: list[torch.Tensor | None] = [None] * len(images)
         for window, indices in groups.items():
             outputs = slide_inference(fn, [images[i] for i in indices], window, stride, batch_size, out_device,
-                                      output_stride)
+                                      output_stride, upsample)
             for i, output in zip(indices, outputs):
                 results[i] = output
         return results
