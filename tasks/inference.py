@@ -58,7 +58,7 @@ def window_size(height: int, width: int, crop: tuple[int, int], small_image: str
 
 def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[int, int],
                     stride: int | tuple[int, int], batch_size: int = 8, out_device: torch.device | str | None = None,
-                    output_stride: int = 1, upsample: bool = False) -> list[torch.Tensor]:
+                    output_stride: int = 1, upsample: bool = False, labels: bool = False) -> list[torch.Tensor]:
     """Run ``fn`` over sliding windows of each image and stitch the averaged outputs.
 
     Args:
@@ -80,9 +80,11 @@ def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[i
             result is that of ``output_stride=1`` with a ``fn`` that upsampled its outputs itself (``F.interpolate``,
             ``align_corners=False``, cut to the crop: a linear head's ``predict``), up to float rounding, without the
             upsampled windows in memory (see :class:`WindowMean`).
+        labels: return only the argmax over channels of each mean, ``(H_i, W_i)`` long; with ``upsample`` the
+            mean is built in bands of rows and never whole (:meth:`WindowMean.labels`).
 
     Returns:
-        One ``(C, H_i, W_i)`` tensor per image: the mean of the overlapping window outputs.
+        One ``(C, H_i, W_i)`` tensor per image: the mean of the overlapping window outputs (``labels``: its argmax).
     """
     crop_h, crop_w = (crop, crop) if isinstance(crop, int) else tuple(crop)
     stride_h, stride_w = (stride, stride) if isinstance(stride, int) else tuple(stride)
@@ -111,6 +113,8 @@ def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[i
                 canvases[i] = WindowMean(tuple(padded[i].shape[-2:]), (crop_h, crop_w), ys, xs, output_stride,
                                          upsample)
             canvases[i].add(y, x, output.to(out_device or output.device))
+    if labels:
+        return [canvas.labels()[:image.shape[-2], :image.shape[-1]] for canvas, image in zip(canvases, images)]
     return [canvas.result()[:, :image.shape[-2], :image.shape[-1]] for canvas, image in zip(canvases, images)]
 
 
@@ -124,11 +128,12 @@ class WindowMean:
 
     With ``output_stride`` ``s > 1`` the mean is kept on the ``s``-times coarser grid (windows placed at their
     start rounded to the grid, the last one ending at the grid's end) and :meth:`result` upsamples it once.
-    With ``upsample`` as well, the mean stays at full resolution and each coarse output is upsampled bilinearly
-    (``align_corners=False``) as it is added, separably: its rows once per window (a small ``(C, crop_h, g_w)``),
-    its columns by one batched matrix product per cell written straight into the cell. The values are those of
-    ``F.interpolate`` to the padded window cut to the window (as a head's ``predict`` gives them) up to float
-    rounding, and the upsampled window is never in memory.
+    With ``upsample`` as well, the mean is at full resolution: the coarse outputs are kept (they are small) and
+    upsampled bilinearly (``align_corners=False``) while the mean is built, separably: a window's rows along the
+    height for each row segment (a small ``(C, rows, g_w)``), then its columns by one batched matrix product per
+    cell written or added straight into the cell. The values are those of ``F.interpolate`` to the padded window
+    cut to the window (as a head's ``predict`` gives them) up to float rounding, no upsampled window is ever in
+    memory, and :meth:`labels` builds the mean a band of rows at a time, never whole.
     """
 
     def __init__(self, size: tuple[int, int], crop: tuple[int, int], ys: list[int], xs: list[int],
@@ -145,6 +150,7 @@ class WindowMean:
         self.written: set[tuple[int, int]] = set()
         self.total: torch.Tensor | None = None
         self._upsamplers: dict[tuple[int, int], SeparableBilinear] = {}
+        self._pending: list[tuple[int, int, torch.Tensor, SeparableBilinear]] = []
 
     def _snap(self, start: int, crop: int, length: int, axis: int, scale: int) -> int:
         """A window start on the mean's grid: the nearest grid line, or the grid's end for the last window."""
@@ -162,41 +168,75 @@ class WindowMean:
         elif tuple(output.shape[-2:]) != self.crop:
             raise ValueError(f"the dense function gave a {tuple(output.shape[-2:])} output for a window whose output "
                              f"grid is {self.crop} (crop / output_stride {self.stride}, rounded up)")
-        if self.total is None:
-            self.total = torch.empty(output.shape[0], *self.grid, dtype=output.dtype, device=output.device)
-        if self.upsample:
+        top, left = self.rows[y], self.cols[x]
+        if self.upsample:  # stitched when the mean is asked for, in row bands if only its argmax is
             grid = tuple(output.shape[-2:])
             if grid not in self._upsamplers:
                 self._upsamplers[grid] = SeparableBilinear(grid, self.stride, self.window, output)
-            upsampler = self._upsamplers[grid]
-            output = upsampler.height(output)  # (C, crop_h, g_w): small
-        top, left = self.rows[y], self.cols[x]
+            self._pending.append((top, left, output, self._upsamplers[grid]))
+            return
+        if self.total is None:
+            self.total = torch.empty(output.shape[0], *self.grid, dtype=output.dtype, device=output.device)
         for r, (y0, y1, count_y) in enumerate(self.row_segments):
             if y0 < top or y1 > top + self.crop[0]:
                 continue
             for c, (x0, x1, count_x) in enumerate(self.col_segments):
                 if x0 < left or x1 > left + self.crop[1]:
                     continue
-                part = output[:, y0 - top:y1 - top]
+                part = output[:, y0 - top:y1 - top, x0 - left:x1 - left]
                 cell = self.total[:, y0:y1, x0:x1]
                 weight = 1.0 / (count_y * count_x)
-                first = (r, c) not in self.written
-                if self.upsample:  # the width upsampling written straight into the cell
-                    upsampler.width_into(cell, part, x0 - left, x1 - left, weight, accumulate=not first)
-                elif not first:
-                    cell.add_(part[..., x0 - left:x1 - left], alpha=weight)
+                if (r, c) in self.written:
+                    cell.add_(part, alpha=weight)
                 elif weight == 1.0:
-                    cell.copy_(part[..., x0 - left:x1 - left])
+                    cell.copy_(part)
                 else:
-                    torch.mul(part[..., x0 - left:x1 - left], weight, out=cell)
+                    torch.mul(part, weight, out=cell)
                 self.written.add((r, c))
+
+    def _stitch_rows(self, out: torch.Tensor, begin: int, end: int) -> None:
+        """Upsample mode: the mean's rows ``[begin, end)`` into ``out (C, end - begin, W)``, cell by cell: each
+        window's rows upsampled along the height (small), then its columns written or added straight into the cell."""
+        written: set[tuple[int, int]] = set()
+        for top, left, output, upsampler in self._pending:
+            for r, (y0, y1, count_y) in enumerate(self.row_segments):
+                y0, y1 = max(y0, begin), min(y1, end)
+                if y1 <= y0 or y0 < top or y1 > top + self.crop[0]:
+                    continue
+                rows = upsampler.height(output, y0 - top, y1 - top)  # (C, y1 - y0, g_w)
+                for c, (x0, x1, count_x) in enumerate(self.col_segments):
+                    if x0 < left or x1 > left + self.crop[1]:
+                        continue
+                    upsampler.width_into(out[:, y0 - begin:y1 - begin, x0:x1], rows, x0 - left, x1 - left,
+                                         1.0 / (count_y * count_x), accumulate=(r, c) in written)
+                    written.add((r, c))
 
     def result(self) -> torch.Tensor:
         """The mean ``(C, H, W)`` (upsampled from the coarse grid when ``output_stride > 1``)."""
-        if self.stride == 1 or self.upsample:
+        if self.upsample:
+            out = self._pending[0][2]
+            total = torch.empty(out.shape[0], *self.grid, dtype=out.dtype, device=out.device)
+            self._stitch_rows(total, 0, self.grid[0])
+            return total
+        if self.stride == 1:
             return self.total
         size = (self.grid[0] * self.stride, self.grid[1] * self.stride)
         return SeparableBilinear(self.grid, self.stride, size, self.total)(self.total)
+
+    def labels(self, band: int = 64) -> torch.Tensor:
+        """The argmax over channels of the mean, ``(H, W)`` long. In upsample mode the mean is built ``band`` rows
+        at a time in one reused buffer, never whole."""
+        if not self.upsample:
+            return self.result().argmax(0)
+        out = self._pending[0][2]
+        labels = torch.empty(self.grid, dtype=torch.long, device=out.device)
+        buffer = torch.empty(out.shape[0], min(band, self.grid[0]), self.grid[1], dtype=out.dtype, device=out.device)
+        for begin in range(0, self.grid[0], band):
+            end = min(begin + band, self.grid[0])
+            rows = buffer[:, :end - begin]
+            self._stitch_rows(rows, begin, end)
+            torch.argmax(rows, 0, out=labels[begin:end])
+        return labels
 
 
 class SeparableBilinear:
@@ -263,8 +303,9 @@ def _segments(starts: list[int], crop: int, length: int) -> list[tuple[int, int,
 def dense_inference(fn: DenseFn, images: list[torch.Tensor], mode: str, crop: int | tuple[int, int] = 512,
                     stride: int | tuple[int, int] = 341, batch_size: int = 8,
                     out_device: torch.device | str | None = None, small_image: str = "pad",
-                    output_stride: int = 1, upsample: bool = False) -> list[torch.Tensor]:
-    """``mode="slide"``: :func:`slide_inference`; ``mode="whole"``: :func:`whole_inference` (``output_stride`` 1).
+                    output_stride: int = 1, upsample: bool = False, labels: bool = False) -> list[torch.Tensor]:
+    """``mode="slide"``: :func:`slide_inference`; ``mode="whole"``: :func:`whole_inference` (``output_stride`` 1);
+    ``labels``: the argmax over channels of each output instead.
 
     ``small_image`` (slide): ``pad`` or ``shrink`` images smaller than the crop (see :func:`window_size`); with
     ``shrink``, images are grouped by their window size and each group is slid with its own window.
@@ -277,12 +318,13 @@ def dense_inference(fn: DenseFn, images: list[torch.Tensor], mode: str, crop: in
         results: list[torch.Tensor | None] = [None] * len(images)
         for window, indices in groups.items():
             outputs = slide_inference(fn, [images[i] for i in indices], window, stride, batch_size, out_device,
-                                      output_stride, upsample)
+                                      output_stride, upsample, labels)
             for i, output in zip(indices, outputs):
                 results[i] = output
         return results
     if mode == "whole":
-        return whole_inference(fn, images, batch_size)
+        outputs = whole_inference(fn, images, batch_size)
+        return [output.argmax(0) for output in outputs] if labels else outputs
     raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from dense_data.io import read_rgb, to_rgb_uint8
 from dense_data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
+from .inference import dense_inference
 from .tta import ACTIVATIONS, TTA, preset_settings, resize, to_probs, tta_inference
 from .padding import pad_for_head
 
@@ -277,6 +278,11 @@ class Predictor:
                 raise ValueError(f"stitch='native' needs a head with a native-resolution output; "
                                  f"{type(getattr(self.model, 'head', self.model)).__name__} has none: use stitch='full'")
             fn = self._run_native
+        if self.kind == "segmentation" and not return_probs and tta.is_identity:
+            # labels only: the argmax of the window mean is that of its probabilities (a per-pixel monotone map)
+            labels = dense_inference(fn, tensors, mode, crop, stride, batch_size, out_device, small_image,
+                                     output_stride, upsample, labels=True)
+            return [{"labels": label.cpu()} for label in labels]
         means = tta_inference(fn, tensors, tta, mode, crop, stride, batch_size, out_device, small_image, value,
                               output_stride=output_stride, upsample=upsample)
         results = []

@@ -173,6 +173,12 @@ def test_segmentation_task_native_validation():
         fine = task.predict_scores(images)
     torch.testing.assert_close(coarse[0], fine[0], atol=1e-5, rtol=0)  # one window: exactly equal
     assert coarse[1].shape == fine[1].shape == (4, 80, 120)
+    with torch.no_grad():  # full stitching upsamples the windows' native logits as it stitches: same scores
+        upsampled = [task.dense(image[None])[0] for image in images[:1]]
+        reference = tta_inference(task.dense, images, task.eval_tta, "slide", 64, 48)
+    torch.testing.assert_close(fine[0], upsampled[0], atol=1e-5, rtol=0)
+    for got, want in zip(fine, reference):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="eval_stitch"):
         SegmentationTask(backbone={"name": "vit_test", "weights": None}, head={"_target_": "heads.LinearSegHead"},
                          num_classes=4, eval_stitch="coarse")
@@ -257,3 +263,39 @@ def test_predictor_full_stitch_upsamples_native_logits(vit_test):
             top2 = w.topk(2, dim=0).values
             clear = top2[0] - top2[1] > 1e-5
             assert torch.equal(g["labels"][clear], w.argmax(0)[clear])
+
+
+def _clear_argmax(scores: torch.Tensor, margin: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The argmax over channels and where it is clear (top two more than ``margin`` apart)."""
+    top2 = scores.topk(2, dim=0).values
+    return scores.argmax(0), top2[0] - top2[1] > margin
+
+
+def test_labels_in_row_bands_equal_argmax_of_the_mean():
+    """``labels=True`` with ``upsample``: the mean built 64 rows at a time gives the labels of the whole mean."""
+    native, _ = _padded_native(4)
+    images = [torch.randn(3, 150, 70), torch.randn(3, 20, 30)]
+    with torch.no_grad():
+        labels = slide_inference(native, images, 32, 21, batch_size=3, output_stride=4, upsample=True, labels=True)
+        means = slide_inference(native, images, 32, 21, batch_size=3, output_stride=4, upsample=True)
+        plain = slide_inference(native, images, 32, 21, batch_size=3, output_stride=4, labels=True)
+    for image, label, mean, coarse in zip(images, labels, means, plain):
+        want, clear = _clear_argmax(mean)
+        assert label.shape == coarse.shape == image.shape[-2:] and label.dtype == torch.long
+        assert clear.float().mean() > 0.99 and torch.equal(label[clear], want[clear])
+
+
+def test_predictor_labels_only_slide(vit_test):
+    """``return_probs=False`` (predict.py's label maps) takes the banded argmax: the labels of the full path."""
+    head = LinearSegHead(vit_test.channels, vit_test.strides, 5).eval()
+    predictor = Predictor(DenseModel(vit_test, head, "segmentation"), "segmentation", num_classes=5)
+    images = [torch.randint(0, 256, (130, 90, 3), dtype=torch.uint8), torch.randint(0, 256, (40, 50, 3),
+                                                                                     dtype=torch.uint8)]
+    for small_image in ("pad", "shrink"):
+        full = predictor.predict(images, mode="slide", crop=64, stride=40, small_image=small_image)
+        only = predictor.predict(images, mode="slide", crop=64, stride=40, small_image=small_image,
+                                 return_probs=False)
+        for f, o in zip(full, only):
+            want, clear = _clear_argmax(f["probs"], 1e-6)
+            assert set(o) == {"labels"} and o["labels"].shape == f["labels"].shape
+            assert torch.equal(o["labels"][clear], want[clear])
