@@ -222,7 +222,9 @@ class Predictor:
             batch_size: crops (or whole images) per forward, across all windows, views and images.
             out_device: where window sums, TTA averages and results live (``"cpu"`` bounds accelerator
                 memory on very large images); ``None``: the model's device.
-            return_probs: segmentation: keep the ``(K, H, W)`` probabilities (else only the label map).
+            return_probs: segmentation: keep the ``(K, H, W)`` probabilities (else only the label map: without
+                TTA it is the argmax of the window mean, built in bands of rows where the head allows, see
+                ``tasks.inference.WindowMean.labels``).
             small_image: ``pad`` (ours) or ``shrink`` (Meta's) images smaller than the sliding window.
             activation: segmentation scores of each view -> probabilities before the views are averaged:
                 ``softmax`` (Meta), ``normalize`` (scores / their sum) or ``auto`` (softmax of logits, normalized
@@ -230,7 +232,7 @@ class Predictor:
             preset: a name in ``tasks.tta.EVAL_PRESETS`` (e.g. ``meta_m2f``): its settings replace the
                 defaults; arguments given here still win.
             stitch: ``slide`` mode: ``full`` (windows' outputs upsampled to the crop, averaged at the image's
-                resolution: mmseg / Meta) or ``native`` (averaged on the head's own coarser grid, e.g. 1/16 for a
+                resolution: mmseg / Meta; a linear head's windows are upsampled while stitched, the same values) or ``native`` (averaged on the head's own coarser grid, e.g. 1/16 for a
                 linear head, 1/4 for Mask2Former, then upsampled once: faster, slightly different near window
                 edges). Default: the checkpoint's eval setting, else ``full``.
 
