@@ -5,7 +5,8 @@ or depth). The sliding window follows mmseg's grid: windows of ``crop`` every ``
 shifted back inside the image, outputs averaged per pixel. Unlike mmseg's and Meta's loops, crops of all
 windows and all images are stacked and run ``batch_size`` at a time, and the average is built without a count
 map or a final division (see :class:`WindowMean`). A head whose output is coarser than the image can be stitched
-at its own resolution and upsampled once (``output_stride``).
+at its own resolution and upsampled once (``output_stride``), or have each window upsampled while it is stitched
+at full resolution (``upsample``: the same values as stitching upsampled windows, without them in memory).
 
 Images smaller than the crop (``small_image``): ``pad`` (ours) zero-pads them bottom/right up to the crop and
 cuts the padding from the output; ``shrink`` (Meta's and mmseg's) never pads: a window side longer than the

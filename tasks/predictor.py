@@ -223,8 +223,8 @@ class Predictor:
             out_device: where window sums, TTA averages and results live (``"cpu"`` bounds accelerator
                 memory on very large images); ``None``: the model's device.
             return_probs: segmentation: keep the ``(K, H, W)`` probabilities (else only the label map: without
-                TTA it is the argmax of the window mean, built in bands of rows where the head allows, see
-                ``tasks.inference.WindowMean.labels``).
+                TTA and with a softmax, the argmax of the window mean, built in bands of rows where the head
+                allows, see ``tasks.inference.WindowMean.labels``).
             small_image: ``pad`` (ours) or ``shrink`` (Meta's) images smaller than the sliding window.
             activation: segmentation scores of each view -> probabilities before the views are averaged:
                 ``softmax`` (Meta), ``normalize`` (scores / their sum) or ``auto`` (softmax of logits, normalized
@@ -280,8 +280,9 @@ class Predictor:
                 raise ValueError(f"stitch='native' needs a head with a native-resolution output; "
                                  f"{type(getattr(self.model, 'head', self.model)).__name__} has none: use stitch='full'")
             fn = self._run_native
-        if self.kind == "segmentation" and not return_probs and tta.is_identity:
-            # labels only: the argmax of the window mean is that of its probabilities (a per-pixel monotone map)
+        softmax = activation == "softmax" or (activation == "auto" and self.score_type == "logits")
+        if self.kind == "segmentation" and not return_probs and tta.is_identity and softmax:
+            # labels only: the argmax of the window mean is that of its softmax
             labels = dense_inference(fn, tensors, mode, crop, stride, batch_size, out_device, small_image,
                                      output_stride, upsample, labels=True)
             return [{"labels": label.cpu()} for label in labels]
