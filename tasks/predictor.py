@@ -232,9 +232,9 @@ class Predictor:
             preset: a name in ``tasks.tta.EVAL_PRESETS`` (e.g. ``meta_m2f``): its settings replace the
                 defaults; arguments given here still win.
             stitch: ``slide`` mode: ``full`` (windows' outputs upsampled to the crop, averaged at the image's
-                resolution: mmseg / Meta; a linear head's windows are upsampled while stitched, the same values) or ``native`` (averaged on the head's own coarser grid, e.g. 1/16 for a
-                linear head, 1/4 for Mask2Former, then upsampled once: faster, slightly different near window
-                edges). Default: the checkpoint's eval setting, else ``full``.
+                resolution: mmseg / Meta; a linear head's windows are upsampled while stitched, the same values)
+                or ``native`` (averaged on the head's own coarser grid, e.g. 1/16 for a linear head, 1/4 for
+                Mask2Former, then upsampled once: faster, slightly different near window edges). Default: the checkpoint's eval setting, else ``full``.
 
         Returns:
             One dict per image (a single dict for a single image), see the module docstring.
