@@ -3,12 +3,13 @@
     python benchmarks/slide.py [--backbone vits16] [--device cuda] [--batch-size 8] [--iters 3] [--quick]
 
 For each image size it times: the per-crop loop, our ``slide_inference`` with full-resolution stitching
-(``stitch=full``, Meta's) and with stitching on the head's 1/16 grid (``stitch=native``), and, as the lower
-bounds, the forwards alone over the pre-cut crops in batches of ``batch_size`` (no cutting, no stitching) giving
-full-resolution and native outputs (in turns, fastest of ``--iters`` rounds). Random-init backbone + linear head
-(150 classes). It reports the stitching
-overhead (slide time / forwards-alone time, per stitching) and the largest difference of native from full
-stitching, and ends with ``slide stitching overhead over batched forwards: N.NNx`` (full stitching, all sizes).
+(``stitch=full``, Meta's) as ``Predictor`` runs it (each window's 1/16 logits upsampled as they are stitched),
+from the model's upsampled window outputs, and for labels only (``return_probs=False``), with stitching on the head's 1/16 grid (``stitch=native``), and, as the
+lower bounds, the forwards alone over the pre-cut crops in batches of ``batch_size`` (no cutting, no stitching)
+giving full-resolution and native outputs (in turns, fastest of ``--iters`` rounds). Random-init backbone + linear
+head (150 classes). It reports the stitching overhead (slide time / forwards-alone time, per stitching), the
+largest differences between the stitchings, and ends with ``slide stitching overhead over batched forwards:
+N.NNx`` (full stitching as ``Predictor`` runs it over the forwards giving full-resolution outputs, all sizes).
 ``--quick``: ``vit_test`` backbone, one 512x1024 image, two rounds (a CPU smoke run).
 """
 
@@ -86,7 +87,7 @@ def main() -> None:
     native = model.output_stride
     print(f"backbone {args.backbone} (random init), linear head, {args.num_classes} classes, device {device}, "
           f"crop {args.crop}, stride {args.stride}, batch size {args.batch_size}, fastest of {args.iters}")
-    total = {"loop": 0.0, "full": 0.0, "native": 0.0, "bound": 0.0, "bound_native": 0.0}
+    total = {"loop": 0.0, "full": 0.0, "windows": 0.0, "labels": 0.0, "native": 0.0, "bound": 0.0, "bound_native": 0.0}
     with torch.inference_mode():
         for size in args.sizes:
             height, width = (int(v) for v in size.lower().split("x"))
@@ -99,7 +100,15 @@ def main() -> None:
                 for start in range(0, len(crops), args.batch_size):
                     model(crops[start:start + args.batch_size], native=native_outputs)
 
-            def slide_full():
+            def slide_full():  # as Predictor: each window's 1/16 logits upsampled as they are stitched
+                return slide_inference(lambda x: model(x, native=True, cut=False), [image], args.crop, args.stride,
+                                       args.batch_size, output_stride=native, upsample=True)[0]
+
+            def slide_labels():  # as Predictor(return_probs=False), predict.py: the mean in bands of rows, argmax
+                return slide_inference(lambda x: model(x, native=True, cut=False), [image], args.crop, args.stride,
+                                       args.batch_size, output_stride=native, upsample=True, labels=True)[0]
+
+            def slide_full_windows():  # the same stitching from upsampled window outputs (fn = the model)
                 return slide_inference(model, [image], args.crop, args.stride, args.batch_size)[0]
 
             def slide_native():
@@ -107,12 +116,14 @@ def main() -> None:
                                        args.batch_size, output_stride=native)[0]
 
             times = timed({"loop": lambda: per_crop_loop(model, image, args.crop, args.stride),
-                           "full": slide_full, "bound": forwards_only,
+                           "full": slide_full, "windows": slide_full_windows, "labels": slide_labels,
+                           "bound": forwards_only,
                            "native": slide_native, "bound_native": lambda: forwards_only(True)}, device, args.iters)
             for key, value in times.items():
                 total[key] += value
             full = slide_full()
             diff_loop = (per_crop_loop(model, image, args.crop, args.stride) - full).abs().max()
+            diff_windows = (slide_full_windows() - full).abs().max()
             coarse = slide_native()
             diff_native = (coarse - full).abs().max()
             agree = (coarse.argmax(0) == full.argmax(0)).float().mean()
@@ -120,10 +131,18 @@ def main() -> None:
             print(f"{height}x{width}: {len(windows)} windows | per-crop loop {times['loop'] * 1000:.0f} ms | "
                   f"slide full {times['full'] * 1000:.0f} ms ({times['loop'] / times['full']:.2f}x the loop, "
                   f"{times['full'] / times['bound']:.2f}x its forwards {times['bound'] * 1000:.0f} ms, "
-                  f"max diff vs loop {float(diff_loop):.2g}) | slide native {times['native'] * 1000:.0f} ms "
+                  f"{times['full'] / times['bound_native']:.2f}x the native forwards, max diff vs loop "
+                  f"{float(diff_loop):.2g}) | slide full from upsampled windows {times['windows'] * 1000:.0f} ms "
+                  f"({times['windows'] / times['bound']:.2f}x the forwards, max diff {float(diff_windows):.2g}) "
+                  f"| labels only {times['labels'] * 1000:.0f} ms "
+                  f"({times['labels'] / times['bound']:.2f}x the forwards) "
+                  f"| slide native {times['native'] * 1000:.0f} ms "
                   f"({times['loop'] / times['native']:.2f}x the loop, {times['native'] / times['bound_native']:.2f}x "
                   f"its forwards {times['bound_native'] * 1000:.0f} ms, max |native - full| {float(diff_native):.3g} "
                   f"on logits up to {float(slide_full().abs().max()):.3g}, same label on {float(agree) * 100:.1f}% of pixels)")
+    print(f"slide full stitching, windows upsampled as stitched vs from upsampled windows: "
+          f"{total['windows'] / total['full']:.2f}x")
+    print(f"slide full stitching over native forwards (no upsampling): {total['full'] / total['bound_native']:.2f}x")
     print(f"slide native vs full stitching: {total['full'] / total['native']:.2f}x")
     print(f"slide speedup vs per-crop loop: {total['loop'] / total['full']:.2f}x")
     print(f"slide stitching overhead over batched forwards: {total['full'] / total['bound']:.2f}x")

@@ -68,8 +68,12 @@ class LinearSegHead(nn.Module):
         loss_points: 0 (default, every recipe's): the loss over every pixel at full resolution; N > 0: the
             cross-entropy estimated from N labelled pixels per image (``SegLoss(points=N)``, unbiased, faster).
 
-    ``output_stride``: the logits' grid is the first map's (``strides[0]``); ``predict_native`` gives them there.
+    ``output_stride``: the logits' grid is the first map's (``strides[0]``); ``predict_native`` gives them there,
+    and ``predict`` is their bilinear upsampling (``predict_upsamples_native``: a sliding window may upsample each
+    window itself as it stitches, ``tasks.inference.WindowMean``).
     """
+
+    predict_upsamples_native = True
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int, dropout: float = 0.1,
                  loss="ce", loss_weights=None, avg_non_ignore: bool = True, loss_options=None, loss_points: int = 0):

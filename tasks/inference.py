@@ -5,7 +5,8 @@ or depth). The sliding window follows mmseg's grid: windows of ``crop`` every ``
 shifted back inside the image, outputs averaged per pixel. Unlike mmseg's and Meta's loops, crops of all
 windows and all images are stacked and run ``batch_size`` at a time, and the average is built without a count
 map or a final division (see :class:`WindowMean`). A head whose output is coarser than the image can be stitched
-at its own resolution and upsampled once (``output_stride``).
+at its own resolution and upsampled once (``output_stride``), or have each window upsampled while it is stitched
+at full resolution (``upsample``: the same values as stitching upsampled windows, without them in memory).
 
 Images smaller than the crop (``small_image``): ``pad`` (ours) zero-pads them bottom/right up to the crop and
 cuts the padding from the output; ``shrink`` (Meta's and mmseg's) never pads: a window side longer than the
@@ -17,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from heads.ops.upsampled_ce import bilinear_weights
 
 DenseFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -56,7 +59,7 @@ def window_size(height: int, width: int, crop: tuple[int, int], small_image: str
 
 def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[int, int],
                     stride: int | tuple[int, int], batch_size: int = 8, out_device: torch.device | str | None = None,
-                    output_stride: int = 1) -> list[torch.Tensor]:
+                    output_stride: int = 1, upsample: bool = False, labels: bool = False) -> list[torch.Tensor]:
     """Run ``fn`` over sliding windows of each image and stitch the averaged outputs.
 
     Args:
@@ -72,9 +75,17 @@ def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[i
             (``(N, C, ceil(h/s), ceil(w/s))``, a head's native resolution); each window is stitched on that grid
             at its start rounded to a multiple of ``s`` (the last window of a row or column at the image's
             end), and the averaged grid is upsampled once, bilinearly, to the image size.
+        upsample: with ``output_stride`` ``s > 1``: ``fn`` gives ``(N, C, g_h, g_w)`` outputs whose grid upsampled
+            ``s`` times covers the crop from its top-left corner (a head's native output on the input padded
+            bottom/right); each is upsampled bilinearly to the crop as it is stitched at full resolution. The
+            result is that of ``output_stride=1`` with a ``fn`` that upsampled its outputs itself (``F.interpolate``,
+            ``align_corners=False``, cut to the crop: a linear head's ``predict``), up to float rounding, without the
+            upsampled windows in memory (see :class:`WindowMean`).
+        labels: return only the argmax over channels of each mean, ``(H_i, W_i)`` long; with ``upsample`` the
+            mean is built in bands of rows and never whole (:meth:`WindowMean.labels`).
 
     Returns:
-        One ``(C, H_i, W_i)`` tensor per image: the mean of the overlapping window outputs.
+        One ``(C, H_i, W_i)`` tensor per image: the mean of the overlapping window outputs (``labels``: its argmax).
     """
     crop_h, crop_w = (crop, crop) if isinstance(crop, int) else tuple(crop)
     stride_h, stride_w = (stride, stride) if isinstance(stride, int) else tuple(stride)
@@ -100,8 +111,11 @@ def slide_inference(fn: DenseFn, images: list[torch.Tensor], crop: int | tuple[i
             if canvases[i] is None:
                 ys = sorted({top for j, top, _ in windows if j == i})
                 xs = sorted({left for j, _, left in windows if j == i})
-                canvases[i] = WindowMean(tuple(padded[i].shape[-2:]), (crop_h, crop_w), ys, xs, output_stride)
+                canvases[i] = WindowMean(tuple(padded[i].shape[-2:]), (crop_h, crop_w), ys, xs, output_stride,
+                                         upsample)
             canvases[i].add(y, x, output.to(out_device or output.device))
+    if labels:
+        return [canvas.labels()[:image.shape[-2], :image.shape[-1]] for canvas, image in zip(canvases, images)]
     return [canvas.result()[:, :image.shape[-2], :image.shape[-1]] for canvas, image in zip(canvases, images)]
 
 
@@ -115,34 +129,55 @@ class WindowMean:
 
     With ``output_stride`` ``s > 1`` the mean is kept on the ``s``-times coarser grid (windows placed at their
     start rounded to the grid, the last one ending at the grid's end) and :meth:`result` upsamples it once.
+    With ``upsample`` as well, the mean is at full resolution: the coarse outputs are kept (they are small) and
+    upsampled bilinearly (``align_corners=False``) while the mean is built, separably: a window's rows along the
+    height for each row segment (a small ``(C, rows, g_w)``), then its columns by one batched matrix product per
+    cell written or added straight into the cell. The values are those of ``F.interpolate`` to the padded window
+    cut to the window (as a head's ``predict`` gives them) up to float rounding, no upsampled window is ever in
+    memory, and :meth:`labels` builds the mean a band of rows at a time, never whole.
     """
 
     def __init__(self, size: tuple[int, int], crop: tuple[int, int], ys: list[int], xs: list[int],
-                 output_stride: int = 1):
-        self.size, self.stride = size, output_stride
-        self.grid = tuple(-(-n // output_stride) for n in size)
-        self.crop = tuple(-(-c // output_stride) for c in crop)
-        self.rows = {y: self._snap(y, crop[0], size[0], 0) for y in ys}
-        self.cols = {x: self._snap(x, crop[1], size[1], 1) for x in xs}
+                 output_stride: int = 1, upsample: bool = False):
+        self.size, self.window, self.stride = size, crop, output_stride
+        self.upsample = upsample and output_stride > 1
+        scale = 1 if self.upsample else output_stride  # pixels per cell of the mean
+        self.grid = tuple(-(-n // scale) for n in size)
+        self.crop = tuple(-(-c // scale) for c in crop)
+        self.rows = {y: self._snap(y, crop[0], size[0], 0, scale) for y in ys}
+        self.cols = {x: self._snap(x, crop[1], size[1], 1, scale) for x in xs}
         self.row_segments = _segments(sorted(self.rows.values()), self.crop[0], self.grid[0])
         self.col_segments = _segments(sorted(self.cols.values()), self.crop[1], self.grid[1])
         self.written: set[tuple[int, int]] = set()
         self.total: torch.Tensor | None = None
+        self._upsamplers: dict[tuple[int, int], SeparableBilinear] = {}
+        self._pending: list[tuple[int, int, torch.Tensor, SeparableBilinear]] = []
 
-    def _snap(self, start: int, crop: int, length: int, axis: int) -> int:
-        """A window start on the output grid: the nearest grid line, or the grid's end for the last window."""
+    def _snap(self, start: int, crop: int, length: int, axis: int, scale: int) -> int:
+        """A window start on the mean's grid: the nearest grid line, or the grid's end for the last window."""
         if start + crop >= length:
             return self.grid[axis] - self.crop[axis]
-        return (2 * start + self.stride) // (2 * self.stride)
+        return (2 * start + scale) // (2 * scale)
 
     def add(self, y: int, x: int, output: torch.Tensor) -> None:
-        """Add one window's ``(C, crop_h / s, crop_w / s)`` output, its window starting at pixel ``(y, x)``."""
-        if tuple(output.shape[-2:]) != self.crop:
+        """Add one window's output, its window starting at pixel ``(y, x)``: ``(C, crop_h / s, crop_w / s)`` (rounded
+        up), or with ``upsample`` ``(C, g_h, g_w)`` whose grid upsampled ``s`` times covers the crop."""
+        if self.upsample:
+            if output.shape[-2] * self.stride < self.window[0] or output.shape[-1] * self.stride < self.window[1]:
+                raise ValueError(f"the dense function gave a {tuple(output.shape[-2:])} output: upsampled "
+                                 f"{self.stride} times it does not cover the {self.window} window")
+        elif tuple(output.shape[-2:]) != self.crop:
             raise ValueError(f"the dense function gave a {tuple(output.shape[-2:])} output for a window whose output "
                              f"grid is {self.crop} (crop / output_stride {self.stride}, rounded up)")
+        top, left = self.rows[y], self.cols[x]
+        if self.upsample:  # stitched when the mean is asked for, in row bands if only its argmax is
+            grid = tuple(output.shape[-2:])
+            if grid not in self._upsamplers:
+                self._upsamplers[grid] = SeparableBilinear(grid, self.stride, self.window, output)
+            self._pending.append((top, left, output, self._upsamplers[grid]))
+            return
         if self.total is None:
             self.total = torch.empty(output.shape[0], *self.grid, dtype=output.dtype, device=output.device)
-        top, left = self.rows[y], self.cols[x]
         for r, (y0, y1, count_y) in enumerate(self.row_segments):
             if y0 < top or y1 > top + self.crop[0]:
                 continue
@@ -160,12 +195,104 @@ class WindowMean:
                     torch.mul(part, weight, out=cell)
                 self.written.add((r, c))
 
+    def _stitch_rows(self, out: torch.Tensor, begin: int, end: int) -> None:
+        """Upsample mode: the mean's rows ``[begin, end)`` into ``out (C, end - begin, W)``, cell by cell: each
+        window's rows upsampled along the height (small), then its columns written or added straight into the cell."""
+        written: set[tuple[int, int]] = set()
+        for top, left, output, upsampler in self._pending:
+            for r, (y0, y1, count_y) in enumerate(self.row_segments):
+                y0, y1 = max(y0, begin), min(y1, end)
+                if y1 <= y0 or y0 < top or y1 > top + self.crop[0]:
+                    continue
+                rows = upsampler.height(output, y0 - top, y1 - top)  # (C, y1 - y0, g_w)
+                for c, (x0, x1, count_x) in enumerate(self.col_segments):
+                    if x0 < left or x1 > left + self.crop[1]:
+                        continue
+                    upsampler.width_into(out[:, y0 - begin:y1 - begin, x0:x1], rows, x0 - left, x1 - left,
+                                         1.0 / (count_y * count_x), accumulate=(r, c) in written)
+                    written.add((r, c))
+
     def result(self) -> torch.Tensor:
         """The mean ``(C, H, W)`` (upsampled from the coarse grid when ``output_stride > 1``)."""
+        if self.upsample:
+            out = self._pending[0][2]
+            total = torch.empty(out.shape[0], *self.grid, dtype=out.dtype, device=out.device)
+            self._stitch_rows(total, 0, self.grid[0])
+            return total
         if self.stride == 1:
             return self.total
         size = (self.grid[0] * self.stride, self.grid[1] * self.stride)
-        return F.interpolate(self.total[None], size=size, mode="bilinear", align_corners=False)[0]
+        return SeparableBilinear(self.grid, self.stride, size, self.total)(self.total)
+
+    def labels(self, band: int = 64) -> torch.Tensor:
+        """The argmax over channels of the mean, ``(H, W)`` long. In upsample mode the mean is built ``band`` rows
+        at a time in one reused buffer, never whole."""
+        if not self.upsample:
+            return self.result().argmax(0)
+        out = self._pending[0][2]
+        labels = torch.empty(self.grid, dtype=torch.long, device=out.device)
+        buffer = torch.empty(out.shape[0], min(band, self.grid[0]), self.grid[1], dtype=out.dtype, device=out.device)
+        for begin in range(0, self.grid[0], band):
+            end = min(begin + band, self.grid[0])
+            rows = buffer[:, :end - begin]
+            self._stitch_rows(rows, begin, end)
+            torch.argmax(rows, 0, out=labels[begin:end])
+        return labels
+
+
+class SeparableBilinear:
+    """Bilinear upsampling ``s`` times (``align_corners=False``, as ``F.interpolate``) of a ``(C, g_h, g_w)`` grid,
+    cut to its top-left ``size``, as two matrix products: ``A_h @ x @ A_w^T`` with ``A`` the 1-D weights.
+
+    Each block of output rows or columns reads only the few input rows or columns its weights touch, so the
+    products cost about ``(block / s + 2)`` multiply-adds per output value and write it once, straight into the
+    destination (BLAS, no ``(C, H, W)`` temporary). Equal to ``F.interpolate`` up to float rounding.
+    """
+
+    def __init__(self, grid: tuple[int, int], stride: int, size: tuple[int, int], like: torch.Tensor):
+        self.size = size
+        self._host = (bilinear_weights(grid[0], grid[0] * stride)[:size[0]],
+                      bilinear_weights(grid[1], grid[1] * stride)[:size[1]])  # (h, g_h), (w, g_w)
+        self.rows = self._host[0].to(like.device, like.dtype)
+        self.cols_t = self._host[1].t().contiguous().to(like.device, like.dtype)  # (g_w, w)
+        self._bands: dict[tuple[int, int, int], tuple[int, int]] = {}
+
+    def _band(self, axis: int, begin: int, end: int) -> tuple[int, int]:
+        """The input lines ``[a, b)`` that output lines ``[begin, end)`` of ``axis`` read (from the host copy)."""
+        key = (axis, begin, end)
+        if key not in self._bands:
+            used = self._host[axis][begin:end].ne(0).any(0).nonzero()[:, 0]
+            self._bands[key] = (int(used[0]), int(used[-1]) + 1)
+        return self._bands[key]
+
+    def height(self, x: torch.Tensor, begin: int = 0, end: int | None = None) -> torch.Tensor:
+        """Output rows ``[begin, end)`` upsampled along the height only: ``(C, end - begin, g_w)``."""
+        end = self.size[0] if end is None else end
+        a, b = self._band(0, begin, end)
+        return self.rows[begin:end, a:b] @ x[:, a:b]
+
+    def width_into(self, out: torch.Tensor, part: torch.Tensor, begin: int, end: int, alpha: float = 1.0,
+                   accumulate: bool = False) -> None:
+        """``out (C, h, end - begin) [+]= alpha * part (C, h, g_w) @ A_w^T[:, begin:end]``: output columns
+        ``[begin, end)`` of height-upsampled rows ``part``, written or added in place."""
+        a, b = self._band(1, begin, end)
+        blend = self.cols_t[a:b, begin:end]
+        if accumulate:
+            out.baddbmm_(part[..., a:b], blend.expand(part.shape[0], -1, -1), alpha=alpha)
+        else:
+            torch.bmm(part[..., a:b], (blend if alpha == 1.0 else blend * alpha).expand(part.shape[0], -1, -1),
+                      out=out)
+
+    def __call__(self, x: torch.Tensor, block: int = 256) -> torch.Tensor:
+        """The whole upsampled ``(C, *size)``, in blocks of ``block`` rows and columns."""
+        out = torch.empty(x.shape[0], *self.size, dtype=x.dtype, device=x.device)
+        for top in range(0, self.size[0], block):
+            bottom = min(top + block, self.size[0])
+            rows = self.height(x, top, bottom)
+            for left in range(0, self.size[1], block):
+                right = min(left + block, self.size[1])
+                self.width_into(out[:, top:bottom, left:right], rows, left, right)
+        return out
 
 
 def _segments(starts: list[int], crop: int, length: int) -> list[tuple[int, int, int]]:
@@ -177,8 +304,9 @@ def _segments(starts: list[int], crop: int, length: int) -> list[tuple[int, int,
 def dense_inference(fn: DenseFn, images: list[torch.Tensor], mode: str, crop: int | tuple[int, int] = 512,
                     stride: int | tuple[int, int] = 341, batch_size: int = 8,
                     out_device: torch.device | str | None = None, small_image: str = "pad",
-                    output_stride: int = 1) -> list[torch.Tensor]:
-    """``mode="slide"``: :func:`slide_inference`; ``mode="whole"``: :func:`whole_inference` (``output_stride`` 1).
+                    output_stride: int = 1, upsample: bool = False, labels: bool = False) -> list[torch.Tensor]:
+    """``mode="slide"``: :func:`slide_inference`; ``mode="whole"``: :func:`whole_inference` (``output_stride`` 1);
+    ``labels``: the argmax over channels of each output instead.
 
     ``small_image`` (slide): ``pad`` or ``shrink`` images smaller than the crop (see :func:`window_size`); with
     ``shrink``, images are grouped by their window size and each group is slid with its own window.
@@ -191,12 +319,13 @@ def dense_inference(fn: DenseFn, images: list[torch.Tensor], mode: str, crop: in
         results: list[torch.Tensor | None] = [None] * len(images)
         for window, indices in groups.items():
             outputs = slide_inference(fn, [images[i] for i in indices], window, stride, batch_size, out_device,
-                                      output_stride)
+                                      output_stride, upsample, labels)
             for i, output in zip(indices, outputs):
                 results[i] = output
         return results
     if mode == "whole":
-        return whole_inference(fn, images, batch_size)
+        outputs = whole_inference(fn, images, batch_size)
+        return [output.argmax(0) for output in outputs] if labels else outputs
     raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
 
 

@@ -12,6 +12,7 @@ head files. The task kind decides what ``Predictor.predict`` returns, one dict p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from torch import nn
 from dense_data.io import read_rgb, to_rgb_uint8
 from dense_data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
+from .inference import dense_inference
 from .tta import ACTIVATIONS, TTA, preset_settings, resize, to_probs, tta_inference
 from .padding import pad_for_head
 
@@ -55,9 +57,18 @@ class DenseModel(nn.Module):
         """Pixels per cell of the head's own dense output (``head.predict_native``); None if it has none."""
         return getattr(self.head, "output_stride", None) if hasattr(self.head, "predict_native") else None
 
-    def forward(self, images: torch.Tensor, native: bool = False):
+    @property
+    def upsamples_native(self) -> bool:
+        """Whether the dense prediction is the native output over the padded input upsampled bilinearly
+        (``align_corners=False``) and cut to the input (the head's ``predict_upsamples_native``, bottom/right
+        padding): a caller may then take ``forward(native=True, cut=False)`` and upsample it itself."""
+        return (self.output_stride is not None and getattr(self.head, "predict_upsamples_native", False)
+                and getattr(self.head, "input_padding", "corner") != "center")
+
+    def forward(self, images: torch.Tensor, native: bool = False, cut: bool = True):
         """``native=True`` (dense heads with ``predict_native``): the output on the head's own grid,
-        ``(B, C, ceil(H / s), ceil(W / s))`` with ``s = output_stride``, instead of upsampled to ``(H, W)``."""
+        ``(B, C, ceil(H / s), ceil(W / s))`` with ``s = output_stride``, instead of upsampled to ``(H, W)``;
+        with ``cut=False`` the whole grid of the padded input."""
         height, width = images.shape[-2:]
         images, (top, left) = pad_for_head(images, self.backbone.pad_to, self.head)
         features = self.backbone(images)  # pads bottom/right to the backbone stride
@@ -67,7 +78,8 @@ class DenseModel(nn.Module):
             if stride is None:
                 raise ValueError(f"{type(self.head).__name__} has no native-resolution output (predict_native, "
                                  "output_stride): use stitch='full'")
-            return self.head.predict_native(outputs)[..., :-(-height // stride), :-(-width // stride)]
+            grid = self.head.predict_native(outputs)
+            return grid[..., :-(-height // stride), :-(-width // stride)] if cut else grid
         prediction = self.head.predict(outputs, features.padded_size)
         if self.kind == "detection":
             limit = torch.tensor([width, height, width, height], dtype=torch.float32)
@@ -185,9 +197,9 @@ class Predictor:
         with torch.inference_mode():
             return self.model(images.to(self.device, non_blocking=True))
 
-    def _run_native(self, images: torch.Tensor):
+    def _run_native(self, images: torch.Tensor, cut: bool = True):
         with torch.inference_mode():
-            return self.model(images.to(self.device, non_blocking=True), native=True)
+            return self.model(images.to(self.device, non_blocking=True), native=True, cut=cut)
 
     # ---------------------------------------------------------------------------------------------- API
     @torch.inference_mode()
@@ -210,7 +222,9 @@ class Predictor:
             batch_size: crops (or whole images) per forward, across all windows, views and images.
             out_device: where window sums, TTA averages and results live (``"cpu"`` bounds accelerator
                 memory on very large images); ``None``: the model's device.
-            return_probs: segmentation: keep the ``(K, H, W)`` probabilities (else only the label map).
+            return_probs: segmentation: keep the ``(K, H, W)`` probabilities (else only the label map: without
+                TTA and with a softmax, the argmax of the window mean, built in bands of rows where the head
+                allows, see ``tasks.inference.WindowMean.labels``).
             small_image: ``pad`` (ours) or ``shrink`` (Meta's) images smaller than the sliding window.
             activation: segmentation scores of each view -> probabilities before the views are averaged:
                 ``softmax`` (Meta), ``normalize`` (scores / their sum) or ``auto`` (softmax of logits, normalized
@@ -218,9 +232,9 @@ class Predictor:
             preset: a name in ``tasks.tta.EVAL_PRESETS`` (e.g. ``meta_m2f``): its settings replace the
                 defaults; arguments given here still win.
             stitch: ``slide`` mode: ``full`` (windows' outputs upsampled to the crop, averaged at the image's
-                resolution: mmseg / Meta) or ``native`` (averaged on the head's own coarser grid, e.g. 1/16 for a
-                linear head, 1/4 for Mask2Former, then upsampled once: faster, slightly different near window
-                edges). Default: the checkpoint's eval setting, else ``full``.
+                resolution: mmseg / Meta; a linear head's windows are upsampled while stitched, the same values)
+                or ``native`` (averaged on the head's own coarser grid, e.g. 1/16 for a linear head, 1/4 for
+                Mask2Former, then upsampled once: faster, slightly different near window edges). Default: the checkpoint's eval setting, else ``full``.
 
         Returns:
             One dict per image (a single dict for a single image), see the module docstring.
@@ -256,15 +270,24 @@ class Predictor:
     def _dense(self, tensors, mode, crop, stride, tta, batch_size, out_device, return_probs, small_image,
                activation, stitch) -> list[dict]:
         value = (lambda scores: self.to_probs(scores, activation)) if self.kind == "segmentation" else None
-        fn, output_stride = self._run, 1
-        if mode == "slide" and stitch == "native":
+        fn, output_stride, upsample = self._run, 1, False
+        if mode == "slide" and stitch == "full" and getattr(self.model, "upsamples_native", False):
+            # Meta's stitching, each window upsampled as it is added (see tasks.inference.WindowMean)
+            fn, output_stride, upsample = partial(self._run_native, cut=False), self.model.output_stride, True
+        elif mode == "slide" and stitch == "native":
             output_stride = getattr(self.model, "output_stride", None)
             if output_stride is None:
                 raise ValueError(f"stitch='native' needs a head with a native-resolution output; "
                                  f"{type(getattr(self.model, 'head', self.model)).__name__} has none: use stitch='full'")
             fn = self._run_native
+        softmax = activation == "softmax" or (activation == "auto" and self.score_type == "logits")
+        if self.kind == "segmentation" and not return_probs and tta.is_identity and softmax:
+            # labels only: the argmax of the window mean is that of its softmax
+            labels = dense_inference(fn, tensors, mode, crop, stride, batch_size, out_device, small_image,
+                                     output_stride, upsample, labels=True)
+            return [{"labels": label.cpu()} for label in labels]
         means = tta_inference(fn, tensors, tta, mode, crop, stride, batch_size, out_device, small_image, value,
-                              output_stride=output_stride)
+                              output_stride=output_stride, upsample=upsample)
         results = []
         for mean in means:
             if self.kind == "segmentation":

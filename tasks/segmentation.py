@@ -1,5 +1,7 @@
 """Semantic segmentation: any head whose ``predict`` gives per-pixel class scores."""
 
+from functools import partial
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -69,16 +71,21 @@ class SegmentationTask(DenseTask):
         value = None if self.eval_tta.is_identity else (
             lambda scores: to_probs(scores, score_type, self.eval_activation))
         native = self.eval_stitch == "native" and self.eval_mode == "slide"
-        return tta_inference(self.dense_native if native else self.dense, images, self.eval_tta, self.eval_mode,
-                             self.eval_crop, self.eval_stride, self.eval_batch_size, small_image=self.eval_small_image,
-                             value=value, out_sizes=sizes, output_stride=self.head.output_stride if native else 1)
+        # full stitching of a head whose prediction is its upsampled native output: windows upsampled as stitched
+        upsample = (self.eval_mode == "slide" and not native and getattr(self.head, "predict_upsamples_native", False)
+                    and getattr(self.head, "input_padding", "corner") != "center")
+        fn = self.dense_native if native else partial(self.dense_native, cut=False) if upsample else self.dense
+        return tta_inference(fn, images, self.eval_tta, self.eval_mode, self.eval_crop, self.eval_stride,
+                             self.eval_batch_size, small_image=self.eval_small_image, value=value, out_sizes=sizes,
+                             output_stride=self.head.output_stride if native or upsample else 1, upsample=upsample)
 
-    def dense_native(self, images: torch.Tensor) -> torch.Tensor:
-        """Class scores on the head's own grid, ``(B, K, ceil(H / s), ceil(W / s))`` with ``s = head.output_stride``."""
+    def dense_native(self, images: torch.Tensor, cut: bool = True) -> torch.Tensor:
+        """Class scores on the head's own grid, ``(B, K, ceil(H / s), ceil(W / s))`` with ``s = head.output_stride``
+        (``cut=False``: the whole grid of the input padded to the backbone's stride)."""
         features = self.backbone(images)
         scores = self.head.predict_native(self.head(features, features.padded_size))
         stride = self.head.output_stride
-        return scores[..., :-(-images.shape[-2] // stride), :-(-images.shape[-1] // stride)]
+        return scores[..., :-(-images.shape[-2] // stride), :-(-images.shape[-1] // stride)] if cut else scores
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = self.network_images(batch)

@@ -175,11 +175,13 @@ def average_views(outputs: list[torch.Tensor], tta: TTA, sizes: Sequence[Sequenc
 def tta_inference(fn: DenseFn, images: list[torch.Tensor], tta: TTA, mode: str, crop, stride, batch_size: int = 8,
                   out_device: torch.device | str | None = None, small_image: str = "pad",
                   value: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  out_sizes: Sequence[Sequence[int]] | None = None, output_stride: int = 1) -> list[torch.Tensor]:
+                  out_sizes: Sequence[Sequence[int]] | None = None, output_stride: int = 1,
+                  upsample: bool = False) -> list[torch.Tensor]:
     """The mean over the views of each image of ``value(output)``, at the image's size (or ``out_sizes[i]``).
 
     ``output_stride`` > 1 (slide only): ``fn`` gives outputs on a grid that coarse, stitched there and upsampled once
-    (``stitch="native"``, see :func:`tasks.inference.slide_inference`).
+    (``stitch="native"``, see :func:`tasks.inference.slide_inference`); with ``upsample`` each window's coarse
+    output is upsampled to full resolution as it is stitched (``stitch="full"`` without upsampled windows in memory).
 
     All views of all images go through one :func:`dense_inference` call (their windows share batches); see
     :func:`make_views` and :func:`average_views`. Meta's order of operations: window outputs averaged, resized to
@@ -188,6 +190,6 @@ def tta_inference(fn: DenseFn, images: list[torch.Tensor], tta: TTA, mode: str, 
     if small_image not in SMALL_IMAGE:
         raise ValueError(f"small_image must be one of {', '.join(SMALL_IMAGE)}, got {small_image!r}")
     outputs = dense_inference(fn, make_views(images, tta), mode, crop, stride, batch_size, out_device, small_image,
-                              output_stride)
+                              output_stride, upsample)
     sizes = out_sizes if out_sizes is not None else [tuple(image.shape[-2:]) for image in images]
     return average_views(outputs, tta, sizes, value, out_device)

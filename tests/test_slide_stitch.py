@@ -1,5 +1,6 @@
-"""Sliding-window stitching: the running mean (WindowMean) against a zero-filled sum / count loop, and stitching on
-a head's own coarser grid (``output_stride``) against full-resolution stitching."""
+"""Sliding-window stitching: the running mean (WindowMean) against a zero-filled sum / count loop, stitching on
+a head's own coarser grid (``output_stride``) against full-resolution stitching, and coarse window outputs
+upsampled while stitched (``upsample``) against stitching the upsampled windows."""
 
 import os
 
@@ -13,7 +14,8 @@ from backbones import build_backbone  # noqa: E402
 from heads import LinearSegHead  # noqa: E402
 from heads.mask2former import Mask2FormerHead  # noqa: E402
 from tasks import SegmentationTask  # noqa: E402
-from tasks.inference import slide_inference, window_starts  # noqa: E402
+from tasks.inference import SeparableBilinear, slide_inference, window_starts  # noqa: E402
+from tasks.tta import TTA, tta_inference  # noqa: E402
 from tasks.predictor import DenseModel, Predictor  # noqa: E402
 
 
@@ -171,6 +173,12 @@ def test_segmentation_task_native_validation():
         fine = task.predict_scores(images)
     torch.testing.assert_close(coarse[0], fine[0], atol=1e-5, rtol=0)  # one window: exactly equal
     assert coarse[1].shape == fine[1].shape == (4, 80, 120)
+    with torch.no_grad():  # full stitching upsamples the windows' native logits as it stitches: same scores
+        upsampled = [task.dense(image[None])[0] for image in images[:1]]
+        reference = tta_inference(task.dense, images, task.eval_tta, "slide", 64, 48)
+    torch.testing.assert_close(fine[0], upsampled[0], atol=1e-5, rtol=0)
+    for got, want in zip(fine, reference):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="eval_stitch"):
         SegmentationTask(backbone={"name": "vit_test", "weights": None}, head={"_target_": "heads.LinearSegHead"},
                          num_classes=4, eval_stitch="coarse")
@@ -182,3 +190,112 @@ def test_stride_longer_than_the_crop_is_refused_only_where_it_leaves_gaps():
     assert slide_inference(fn, [two], crop=16, stride=40)[0].shape == (1, 16, 30)
     with pytest.raises(ValueError, match=r"gaps in images of size \(16, 100\)"):
         slide_inference(fn, [torch.rand(3, 16, 100)], crop=16, stride=40)
+
+
+def _padded_native(s: int):
+    """A local dense function at stride ``s`` that pads its input bottom/right to a multiple of ``s`` (as the
+    backbone does) and gives the whole padded grid, and its full-resolution version: that grid upsampled
+    (``F.interpolate``) to the padded size and cut to the input, as ``DenseModel`` gives a linear head's ``predict``."""
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(3, 7, 1)
+
+    def native(x):
+        return conv(F.avg_pool2d(F.pad(x, (0, -x.shape[-1] % s, 0, -x.shape[-2] % s)), s)) + x.mean()
+
+    def full(x):
+        grid = native(x)
+        size = (grid.shape[-2] * s, grid.shape[-1] * s)
+        return F.interpolate(grid, size, mode="bilinear", align_corners=False)[..., :x.shape[-2], :x.shape[-1]]
+    return native, full
+
+
+@pytest.mark.parametrize("s,crop,stride", [(4, (32, 32), (21, 21)), (8, (30, 44), (17, 40)), (16, (64, 64), (48, 48))])
+def test_windows_upsampled_while_stitched_equal_upsampled_windows(s, crop, stride):
+    """``upsample=True``: coarse window outputs upsampled as they are stitched give full-resolution stitching of
+    the upsampled windows (padding cut, images smaller than the crop padded) to float rounding."""
+    native, full = _padded_native(s)
+    images = [torch.randn(3, 70, 131), torch.randn(3, 20, 30), torch.randn(3, 64, 64)]
+    with torch.no_grad():
+        fused = slide_inference(native, images, crop, stride, batch_size=3, output_stride=s, upsample=True)
+        reference = slide_inference(full, images, crop, stride, batch_size=3)
+    for image, got, want in zip(images, fused, reference):
+        assert got.shape == want.shape == (7, *image.shape[-2:])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not cover"):
+        slide_inference(lambda x: native(x)[..., :-1], images[:1], crop, stride, output_stride=s, upsample=True)
+
+
+@pytest.mark.parametrize("grid,s,size,block", [((5, 9), 4, (20, 36), 256), ((7, 3), 16, (100, 40), 32),
+                                               ((4, 6), 8, (32, 48), 5), ((1, 2), 3, (3, 5), 2)])
+def test_separable_bilinear_equals_interpolate(grid, s, size, block):
+    x = torch.randn(6, *grid)
+    want = F.interpolate(x[None], (grid[0] * s, grid[1] * s), mode="bilinear", align_corners=False)[0]
+    got = SeparableBilinear(grid, s, size, x)(x, block)
+    torch.testing.assert_close(got, want[:, :size[0], :size[1]], atol=1e-5, rtol=1e-5)
+
+
+def test_predictor_full_stitch_upsamples_native_logits(vit_test):
+    """A linear head's ``stitch=full`` takes its 1/16 logits and upsamples them while stitching: the same
+    probabilities (1e-6) and labels as stitching the model's full-resolution outputs, TTA and both small-image
+    rules included; a Mask2Former head (sigmoid after upsampling) keeps the full-resolution outputs."""
+    head = LinearSegHead(vit_test.channels, vit_test.strides, 5).eval()
+    model = DenseModel(vit_test, head, "segmentation")
+    assert model.upsamples_native
+    m2f = Mask2FormerHead(vit_test.channels, vit_test.strides, 5, hidden_dim=32, num_queries=8, dec_layers=2,
+                          enc_layers=1, num_heads=2)
+    assert not DenseModel(vit_test, m2f, "segmentation").upsamples_native
+    predictor = Predictor(model, "segmentation", num_classes=5)
+    images = [torch.randn(3, 50, 60), torch.randn(3, 90, 150)]
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs.get("cut", True)),
+                                    with_kwargs=True)
+    for tta, small_image in ((False, "pad"), ({"flip": True, "scales": [1.0, 0.75]}, "shrink")):
+        calls.clear()
+        got = predictor.predict([image.permute(1, 2, 0) for image in images], mode="slide", crop=48, stride=32,
+                                tta=tta, small_image=small_image)
+        assert calls and not any(calls)  # every forward gave the uncut native grid
+        with torch.no_grad():
+            want = tta_inference(predictor._run, [predictor.preprocess(image.permute(1, 2, 0)) for image in images],
+                                 TTA.make(tta), "slide", 48, 32, small_image=small_image,
+                                 value=predictor.to_probs)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g["probs"], w, atol=1e-6, rtol=0)
+            top2 = w.topk(2, dim=0).values
+            clear = top2[0] - top2[1] > 1e-5
+            assert torch.equal(g["labels"][clear], w.argmax(0)[clear])
+
+
+def _clear_argmax(scores: torch.Tensor, margin: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The argmax over channels and where it is clear (top two more than ``margin`` apart)."""
+    top2 = scores.topk(2, dim=0).values
+    return scores.argmax(0), top2[0] - top2[1] > margin
+
+
+def test_labels_in_row_bands_equal_argmax_of_the_mean():
+    """``labels=True`` with ``upsample``: the mean built 64 rows at a time gives the labels of the whole mean."""
+    native, _ = _padded_native(4)
+    images = [torch.randn(3, 150, 70), torch.randn(3, 20, 30)]
+    with torch.no_grad():
+        labels = slide_inference(native, images, 32, 21, batch_size=3, output_stride=4, upsample=True, labels=True)
+        means = slide_inference(native, images, 32, 21, batch_size=3, output_stride=4, upsample=True)
+        plain = slide_inference(native, images, 32, 21, batch_size=3, output_stride=4, labels=True)
+    for image, label, mean, coarse in zip(images, labels, means, plain):
+        want, clear = _clear_argmax(mean)
+        assert label.shape == coarse.shape == image.shape[-2:] and label.dtype == torch.long
+        assert clear.float().mean() > 0.99 and torch.equal(label[clear], want[clear])
+
+
+def test_predictor_labels_only_slide(vit_test):
+    """``return_probs=False`` (predict.py's label maps) takes the banded argmax: the labels of the full path."""
+    head = LinearSegHead(vit_test.channels, vit_test.strides, 5).eval()
+    predictor = Predictor(DenseModel(vit_test, head, "segmentation"), "segmentation", num_classes=5)
+    images = [torch.randint(0, 256, (130, 90, 3), dtype=torch.uint8), torch.randint(0, 256, (40, 50, 3),
+                                                                                     dtype=torch.uint8)]
+    for small_image in ("pad", "shrink"):
+        full = predictor.predict(images, mode="slide", crop=64, stride=40, small_image=small_image)
+        only = predictor.predict(images, mode="slide", crop=64, stride=40, small_image=small_image,
+                                 return_probs=False)
+        for f, o in zip(full, only):
+            want, clear = _clear_argmax(f["probs"], 1e-6)
+            assert set(o) == {"labels"} and o["labels"].shape == f["labels"].shape
+            assert torch.equal(o["labels"][clear], want[clear])
