@@ -77,6 +77,15 @@ def test_windowed_backbone_equals_meta(io, files):
     _close(torch.cat(features.maps, 1), io["features"])
 
 
+def _close_decoder_outputs(out: dict, recorded: dict) -> None:
+    """The final and every auxiliary decoder output equal Meta's recording."""
+    for key in ("pred_logits", "pred_boxes", "pred_boxes_old", "pred_deltas"):
+        _close(out[key], recorded[key])
+    for i, aux in enumerate(out["aux_outputs"]):
+        _close(aux["pred_logits"], recorded[f"aux{i}_pred_logits"])
+        _close(aux["pred_boxes"], recorded[f"aux{i}_pred_boxes"])
+
+
 def test_converted_head_equals_meta(io, predictor):
     head = predictor.model.head
     config = json.loads((FIXTURES / "config.json").read_text())
@@ -86,18 +95,13 @@ def test_converted_head_equals_meta(io, predictor):
     head.eval()
     with torch.no_grad():
         out = head(_features(io), tuple(io["images"].shape[-2:]))
-    for key in ("pred_logits", "pred_boxes", "pred_boxes_old", "pred_deltas"):
-        _close(out[key], io[key])
-    for i, aux in enumerate(out["aux_outputs"]):
-        _close(aux["pred_logits"], io[f"aux{i}_pred_logits"])
-        _close(aux["pred_boxes"], io[f"aux{i}_pred_boxes"])
+    _close_decoder_outputs(out, io)
     _close(out["enc_outputs"]["pred_logits"], io["enc_pred_logits"])
     _close(out["enc_outputs"]["pred_boxes"], io["enc_pred_boxes"])
 
 
-def test_hybrid_queries_equal_meta(io, predictor):
-    """Training-time query set (one-to-one + one-to-many, masked self-attention), dropout off."""
-    head = predictor.model.head
+def _train_mode_outputs(head, features, image_size: tuple[int, int]) -> dict:
+    """The head's training-time outputs (one-to-one + one-to-many queries) with dropout off, back in eval after."""
     head.train()
     dropouts = [m for m in head.modules() if isinstance(m, torch.nn.Dropout)]
     saved = [m.p for m in dropouts]
@@ -105,11 +109,16 @@ def test_hybrid_queries_equal_meta(io, predictor):
         for m in dropouts:
             m.p = 0.0
         with torch.no_grad():
-            out = head(_features(io), tuple(io["images"].shape[-2:]))
+            return head(features, image_size)
     finally:
         for m, p in zip(dropouts, saved):
             m.p = p
         head.eval()
+
+
+def test_hybrid_queries_equal_meta(io, predictor):
+    """Training-time query set (one-to-one + one-to-many, masked self-attention), dropout off."""
+    out = _train_mode_outputs(predictor.model.head, _features(io), tuple(io["images"].shape[-2:]))
     for key in ("pred_logits", "pred_boxes", "pred_logits_one2many", "pred_boxes_one2many"):
         _close(out[key], io["full_" + key])
 
@@ -204,11 +213,7 @@ def test_padded_batch_head_equals_meta(padded, predictor):
     head = _eval_head(predictor)
     with torch.no_grad():
         out = head(_padded_features(padded), tuple(padded["padded_images"].shape[-2:]))
-    for key in ("pred_logits", "pred_boxes", "pred_boxes_old", "pred_deltas"):
-        _close(out[key], padded[key])
-    for i, aux in enumerate(out["aux_outputs"]):
-        _close(aux["pred_logits"], padded[f"aux{i}_pred_logits"])
-        _close(aux["pred_boxes"], padded[f"aux{i}_pred_boxes"])
+    _close_decoder_outputs(out, padded)
     enc = out["enc_outputs"]
     _close(enc["pred_logits"][..., :padded["enc_pred_logits"].shape[-1]], padded["enc_pred_logits"])
     _close(enc["pred_boxes"], padded["enc_pred_boxes"])
@@ -221,19 +226,8 @@ def test_padded_batch_head_equals_meta(padded, predictor):
 
 
 def test_padded_batch_hybrid_queries_equal_meta(padded, predictor):
-    head = predictor.model.head
-    head.train()
-    dropouts = [m for m in head.modules() if isinstance(m, torch.nn.Dropout)]
-    saved = [m.p for m in dropouts]
-    try:
-        for m in dropouts:
-            m.p = 0.0
-        with torch.no_grad():
-            out = head(_padded_features(padded), tuple(padded["padded_images"].shape[-2:]))
-    finally:
-        for m, p in zip(dropouts, saved):
-            m.p = p
-        head.eval()
+    out = _train_mode_outputs(predictor.model.head, _padded_features(padded),
+                              tuple(padded["padded_images"].shape[-2:]))
     for key in ("pred_logits", "pred_boxes", "pred_logits_one2many", "pred_boxes_one2many"):
         _close(out[key], padded["full_" + key])
 
