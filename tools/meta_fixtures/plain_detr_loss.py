@@ -12,12 +12,11 @@ on every decoder layer, class-agnostic encoder proposals; hybrid matching with M
 Inputs are seeded random outputs shaped as ``PlainDETRReParam`` emits them in training, for a padded batch of two
 images of different sizes (``IMAGES``) with 3 and 5 target boxes (cxcywh absolute pixels, as Plain-DETR's
 ``Normalize(reparam=True)`` leaves them), ``K`` classes: 4 proposal levels (strides 8/16/32/64, anchors of side
-``50 * 2**l``, invalid anchors filled with ``max(h, w) * 8`` of the stride-8 map as ``TransformerReParam`` does, their class-0
-logit low) whose boxes are
-``delta2bbox(anchor, delta)`` clipped to each image; the top ``Q1 + Q2`` proposals (class column 0) give the
-first decoder layer's references, each layer's boxes the next layer's references; ``L`` decoder layers;
-``Q1`` one-to-one and ``Q2`` one-to-many queries. Writes ``tests/fixtures/meta/detr_loss/loss.npz``
-(``tests/reference_arrays.py``):
+``50 * 2**l``; invalid anchors filled with ``max(h, w) * 8`` of the stride-8 map as ``TransformerReParam`` does,
+their class-0 logit low) whose boxes are ``delta2bbox(anchor, delta)`` clipped to each image; the top ``Q1 + Q2``
+proposals (class column 0) give the first decoder layer's references, each layer's boxes the next layer's
+references; ``L`` decoder layers; ``Q1`` one-to-one and ``Q2`` one-to-many queries. Writes
+``tests/fixtures/meta/detr_loss/loss.npz`` (``tests/reference_arrays.py``):
 
 - inputs: ``{set}.pred_logits / pred_boxes / pred_boxes_old / pred_deltas`` for the sets ``final``, ``aux{i}``,
   ``enc``, ``final_one2many``, ``aux{i}_one2many``; ``targets.{b}.boxes`` / ``targets.{b}.labels``;
