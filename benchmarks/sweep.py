@@ -6,7 +6,9 @@ A step is what ``DenseTask.training_step`` runs: the frozen backbone's forward o
 head(s) forward and loss, backward, an AdamW step. ``cls``: linear classifiers (1000 classes, class token + mean
 patch token; Meta's ImageNet protocol, 224 px); ``seg``: linear segmentation heads (150 classes, loss at full
 resolution; 512 px). The 13 heads are Meta's learning-rate grid (``conf/sweep/lr.yaml``). The last line is the
-ratio of the sweep's step time to the single head's. For ``seg`` the heads' default loss (every pixel, exact) is
+ratio of the sweep's step time to the single head's (wall time, medians). On a CPU the process's CPU time per step
+is printed too: on a machine shared with other jobs it moves less than the wall time (exact with one thread,
+``OMP_NUM_THREADS=1``). For ``seg`` the heads' default loss (every pixel, exact) is
 timed, and, with ``--points N`` (default 4096; 0: skip), the same pair of steps with the loss estimated on N
 sampled pixels per image (``head.loss_points=N``, not a default of any recipe), each ratio on its own line.
 """
@@ -29,8 +31,8 @@ from tasks import ClassificationTask, SegmentationTask  # noqa: E402
 from tasks.sweep import META_LEARNING_RATES, sweep_task  # noqa: E402
 
 
-def step_time(task, batch: dict, device: torch.device, iters: int) -> float:
-    """Median seconds of one training step over ``iters`` steps after a warm-up."""
+def step_time(task, batch: dict, device: torch.device, iters: int) -> tuple[float, float]:
+    """Median wall and process-CPU seconds of one training step over ``iters`` steps after a warm-up."""
     optimizer = torch.optim.AdamW(task.head.parameters(), lr=1e-3)
     task.train()
 
@@ -38,14 +40,15 @@ def step_time(task, batch: dict, device: torch.device, iters: int) -> float:
         head_training_step(task, batch, optimizer)
 
     step()
-    times = []
+    walls, cpus = [], []
     for _ in range(iters):
         sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - start_cpu)
+    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
 
 
 def main() -> None:
@@ -82,10 +85,12 @@ def main() -> None:
         kwargs = dict(backbone=backbone, head=head_config, optim={"lr": 1e-3}, num_classes=num_classes)
         single = plain_cls(**kwargs).to(device)
         swept = sweep_task(targets, sweep={"lr": list(META_LEARNING_RATES)}, **kwargs).to(device)
-        one = step_time(single, batch, device, args.iters)
-        many = step_time(swept, batch, device, args.iters)
+        (one, one_cpu), (many, many_cpu) = (step_time(task, batch, device, args.iters) for task in (single, swept))
         heads = len(swept.head.heads)
         print(f"one head{label}: {one * 1000:.0f} ms/step | {heads} heads: {many * 1000:.0f} ms/step")
+        if device.type == "cpu":
+            print(f"CPU time{label}: one head {one_cpu * 1000:.0f} ms/step | {heads} heads {many_cpu * 1000:.0f} ms/step"
+                  f" | {many_cpu / one_cpu:.2f}x")
         lines.append(f"sweep cost {heads} heads vs 1{label}: {many / one:.2f}x")
     print("\n".join(lines))
 

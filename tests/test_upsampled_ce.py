@@ -1,12 +1,13 @@
 """heads/ops/upsampled_ce.py: the fused upsample + cross-entropy equals F.interpolate + F.cross_entropy (value and
-gradient); the point-sampled estimate is exact at its points and unbiased."""
+gradient) both ways (rows by recurrence, chunks); the point-sampled estimate is exact at its points and unbiased."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from heads import LinearSegHead
-from heads.ops.upsampled_ce import bilinear_weights, sampled_cross_entropy, upsampled_cross_entropy
+from heads.ops import upsampled_ce
+from heads.ops.upsampled_ce import bilinear_weights, row_runs, sampled_cross_entropy, upsampled_cross_entropy
 from heads.seg_losses import SegLoss
 
 
@@ -26,10 +27,15 @@ def _inputs(shape, size, seed=0):
 
 
 @pytest.mark.parametrize("shape,size,rows", [
-    ((2, 7, 8, 8), (128, 128), None),  # 16x, one chunk
+    ((2, 7, 8, 8), (128, 128), None),  # 16x, rows by recurrence (runs of 16 rows: a fresh exp2 every 8)
+    ((2, 7, 8, 8), (128, 128), 40),    # 16x, chunks of 40 rows
+    ((1, 5, 4, 4), (128, 96), None),   # 32x / 24x: runs of 32 rows
+    ((2, 5, 4, 6), (17, 23), None),    # odd factors
     ((2, 5, 4, 6), (17, 23), 3),       # odd factors, chunks of 3 rows
-    ((1, 3, 5, 3), (5, 9), 1),         # one side kept
-    ((2, 4, 6, 6), (3, 4), 2),         # downsampling
+    ((1, 3, 5, 3), (5, 9), None),      # one side kept
+    ((1, 3, 5, 3), (5, 9), 1),
+    ((2, 4, 6, 6), (3, 4), None),      # downsampling
+    ((2, 4, 6, 6), (3, 4), 2),
 ])
 @pytest.mark.parametrize("avg_non_ignore", [True, False])
 def test_fused_loss_and_gradient_equal_interpolate_then_cross_entropy(shape, size, rows, avg_non_ignore):
@@ -41,6 +47,37 @@ def test_fused_loss_and_gradient_equal_interpolate_then_cross_entropy(shape, siz
     (2.5 * expected).backward()
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ours.grad, ref.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_row_runs_rebuild_the_bilinear_weights():
+    # hand-worked, 2 -> 8 rows: sources -0.375 -0.125 (clamped to 0), 0.125 .. 0.875, then 1.125 1.375 (both on row 1)
+    assert row_runs(2, 8) == [(0, 2, 0, 1, 0.0, 0.0), (2, 6, 0, 1, 0.125, 0.25), (6, 8, 1, 1, 0.125, 0.25)]
+    for size_in, size_out in [(32, 512), (4, 17), (6, 3), (5, 5), (7, 100)]:
+        rebuilt = torch.zeros(size_out, size_in, dtype=torch.float64)
+        for start, stop, low, high, frac, step in row_runs(size_in, size_out):
+            f = frac + step * torch.arange(stop - start, dtype=torch.float64)
+            rebuilt[start:stop, low] += 1 - f
+            rebuilt[start:stop, high] += f
+        torch.testing.assert_close(rebuilt.float(), bilinear_weights(size_in, size_out))
+
+
+def test_recurrence_is_taken_on_cpu_and_chunks_when_classes_span_too_many_octaves(monkeypatch):
+    taken = []
+    for way in ("_by_recurrence", "_by_chunks"):
+        original = getattr(upsampled_ce, way)
+        monkeypatch.setattr(upsampled_ce, way, lambda *a, _f=original, _w=way: taken.append(_w) or _f(*a))
+    for spread, way in [(3, "_by_recurrence"), (200, "_by_chunks")]:  # 200 * randn: logits far below FLOOR octaves
+        logits, mask = _inputs((2, 6, 4, 4), (64, 64))
+        ours, ref = (logits * spread).requires_grad_(), (logits * spread).requires_grad_()
+        taken.clear()
+        loss = upsampled_cross_entropy(ours, mask)
+        assert taken == [way]
+        loss.backward()
+        _reference(ref, mask, True).backward()
+        torch.testing.assert_close(loss, _reference(ref.detach(), mask, True), atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(ours.grad, ref.grad, atol=1e-7, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(upsampled_cross_entropy(ours, mask), loss.detach())
 
 
 def test_seg_loss_uses_the_fused_path_with_the_same_result_and_checks_labels():
