@@ -37,6 +37,18 @@ def fake_call(module: torch.nn.Module, make_inputs, then=None):
     return out
 
 
+def _fake_cuda_available() -> bool:
+    """Whether this torch build makes fake CUDA tensors (a CPU-only build may not)."""
+    try:
+        fake_call(torch.nn.Linear(4, 2), lambda: (torch.randn(3, 4, device=CUDA),))
+    except Exception:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _fake_cuda_available(), reason="this torch build cannot make fake CUDA tensors")
+
+
 def vit_features(layers: int = 4, channels: int = 32, side: int = 4, batch: int = 2, images: bool = False) -> Features:
     """Random ViT-like ``Features`` on CUDA (fake inside ``fake_call``)."""
     return Features(maps=[torch.randn(batch, channels, side, side, device=CUDA) for _ in range(layers)],
