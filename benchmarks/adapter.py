@@ -49,10 +49,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.size, args.batch, args.num_points = args.size or 128, args.batch or 1, 1024
-    device_defaults(args, cpu=dict(size=256, batch=1, iters=1, warmup=1), cuda=dict(size=512, batch=8, iters=10, warmup=3))
+    device_defaults(args, cpu=dict(size=256, batch=1, iters=1, warmup=1),
+                    cuda=dict(size=512, batch=8, iters=10, warmup=3))
     device = torch.device(args.device)
-    print(f"{describe(device)}, batch {args.batch}, {args.size} px, ViT width {args.embed_dim}, hidden {args.hidden_dim}, "
-          f"{args.iters} timed steps after {args.warmup}, amp {args.amp}")
+    print(f"{describe(device)}, batch {args.batch}, {args.size} px, ViT width {args.embed_dim}, "
+          f"hidden {args.hidden_dim}, {args.iters} timed steps after {args.warmup}, amp {args.amp}")
     torch.manual_seed(0)
 
     side = args.size // 16

@@ -69,7 +69,8 @@ def main() -> None:
         seconds[name] = timed(step, device, args.iters, args.warmup)
         peak = peak_memory_mib(device)
         params = sum(p.numel() for p in head.parameters()) / 1e6
-        print(f"{name} ({task}): {params:.1f}M params, forward+loss+backward {seconds[name]:.3f} s/img at {args.size} px"
+        print(f"{name} ({task}): {params:.1f}M params, forward+loss+backward {seconds[name]:.3f} s/img "
+              f"at {args.size} px"
               + ("" if peak is None else f", peak CUDA memory {peak:.0f} MiB"))
     print(f"plain-detr vs detr step time: {seconds['PlainDETRHead'] / seconds['DETRHead']:.2f}x")
 

@@ -250,8 +250,8 @@ def main() -> None:
 
     device_defaults(args, cpu=dict(batch=2, warmup=1), cuda=dict(batch=8, warmup=2))
     print(f"device {describe(torch.device(args.device))}, batch {args.batch}, {args.size} px "
-          f"(features {args.size // 16}^2 x {args.channels}), hidden {args.hidden}, 100 queries, 6 + 9 layers, 12544 points, "
-          f"fastest of {args.iters} rounds after {args.warmup}")
+          f"(features {args.size // 16}^2 x {args.channels}), hidden {args.hidden}, 100 queries, 6 + 9 layers, "
+          f"12544 points, fastest of {args.iters} rounds after {args.warmup}")
     context = mp.get_context("spawn")
     peaks = {}
     for which in ("ours", "hf"):

@@ -68,8 +68,8 @@ def timed(fns: dict, device: torch.device, iters: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default=None,
-                        help="backbone name (random init), e.g. vits16, vit_test (default: vits16 on CPU, vitl16 on CUDA)")
+    parser.add_argument("--backbone", default=None, help="backbone name (random init), e.g. vits16, vit_test "
+                        "(default: vits16 on CPU, vitl16 on CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3)
@@ -89,8 +89,8 @@ def main() -> None:
     head = LinearSegHead(backbone.channels, backbone.strides, args.num_classes)
     model = DenseModel(backbone, head, "segmentation").to(device).eval()
     native = model.output_stride
-    print(f"backbone {args.backbone} (random init), linear head, {args.num_classes} classes, device {describe(device)}, "
-          f"crop {args.crop}, stride {args.stride}, batch size {args.batch_size}, fastest of {args.iters}")
+    print(f"backbone {args.backbone} (random init), linear head, {args.num_classes} classes, "
+          f"device {describe(device)}, crop {args.crop}, stride {args.stride}, batch size {args.batch_size}, fastest of {args.iters}")
     total = {"loop": 0.0, "full": 0.0, "windows": 0.0, "labels": 0.0, "native": 0.0, "bound": 0.0, "bound_native": 0.0}
     with torch.inference_mode():
         for size in args.sizes:
