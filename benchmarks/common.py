@@ -1,10 +1,42 @@
-"""Pieces the benchmark scripts share: accelerator sync, a timing loop, ADE20K-like label maps."""
+"""Pieces the benchmark scripts share: CPU / GPU default sizes, accelerator sync, a timing loop, peak GPU memory,
+ADE20K-like label maps."""
 
 from __future__ import annotations
 
 import time
 
 import torch
+
+
+def device_defaults(args, cpu: dict, cuda: dict) -> None:
+    """Give each option left at None (``args.<key>``) its CPU default, or its GPU default when ``args.device`` is
+    CUDA: sizes and repeats that keep a GPU busy instead of timing kernel-launch overhead and one noisy step."""
+    table = cuda if torch.device(args.device).type == "cuda" else cpu
+    for key, value in table.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def describe(device: torch.device) -> str:
+    """The device in words for a benchmark's first line: the GPU's name, or the CPU thread count."""
+    if device.type == "cuda":
+        return f"{device.type} ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
+    return f"{device.type} ({torch.get_num_threads()} threads, torch {torch.__version__})"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak of :func:`peak_memory_mib` (CUDA only; a no-op on CPU)."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """Most CUDA memory held by tensors since :func:`reset_peak_memory` (MiB); None on CPU."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def sync(device: torch.device) -> None:

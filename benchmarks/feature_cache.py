@@ -1,6 +1,10 @@
 """Training epoch with and without the frozen-feature cache, side by side.
 
-    python benchmarks/feature_cache.py [--backbone vits16] [--size 512] [--images 16] [--batch-size 4] [--device cuda]
+    python benchmarks/feature_cache.py [--backbone vits16] [--size 512] [--images N] [--batch-size B] [--device cuda]
+    python benchmarks/feature_cache.py --quick     # CPU smoke run: vit_test, 256 px, 8 images
+
+Defaults: 16 images, batch 4, one timed epoch on CPU; 64 images, batch 16, best of 2 timed epochs on CUDA (the
+augmentation runs in the main process unless ``--workers``, as on CPU).
 
 For a linear segmentation head (BatchNorm + 1x1 conv, 150 classes, loss at full resolution) and a linear
 classifier (1000 classes, class token + mean patch token; its cache stores pooled maps) on a random-init frozen
@@ -28,7 +32,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from dense_data.feature_cache import FeatureCache, collate_cached  # noqa: E402
-from benchmarks.common import head_training_step, sync  # noqa: E402
+from benchmarks.common import describe, device_defaults, head_training_step, sync  # noqa: E402
 from dense_data.synthetic import make_scene  # noqa: E402
 from dense_data.transforms import Transformed, collate, train_transform  # noqa: E402
 from tasks import ClassificationTask, SegmentationTask  # noqa: E402
@@ -101,18 +105,23 @@ def main() -> None:
     parser.add_argument("--backbone", default="vits16", help="backbone name (random init), e.g. vits16, vit_test")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=512, help="training crop (px)")
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--images", type=int, default=None, help="16 on CPU, 64 on CUDA")
+    parser.add_argument("--batch-size", type=int, default=None, help="4 on CPU, 16 on CUDA")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    parser.add_argument("--repeats", type=int, default=1, help="epochs timed after the warm-up (best kept)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="epochs timed after the warm-up, best kept (1 on CPU, 2 on CUDA)")
     parser.add_argument("--points", type=int, default=4096,
                         help="also time linear seg with head.loss_points=N (0: only the exact loss)")
     parser.add_argument("--cache-dir", default=None, help="where the cache goes (default: a temporary folder)")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run: vit_test, 256 px, 8 images, 1024 points")
     args = parser.parse_args()
+    if args.quick:
+        args.backbone, args.size, args.images, args.points = "vit_test", 256, args.images or 8, 1024
+    device_defaults(args, cpu=dict(images=16, batch_size=4, repeats=1), cuda=dict(images=64, batch_size=16, repeats=2))
     device = torch.device(args.device)
     torch.manual_seed(0)
-    print(f"{args.backbone}, {args.size} px crops, {args.images} images, batch {args.batch_size}, {device}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"{args.backbone}, {args.size} px crops, {args.images} images, batch {args.batch_size}, {describe(device)}, "
+          f"{args.workers} loader workers")
     with tempfile.TemporaryDirectory(dir=args.cache_dir) as tmp:
         cls = compare("cls", args, Scenes(args.images, args.size, 1000), Path(tmp), device)
         seg_scenes = Scenes(args.images, args.size, 150)

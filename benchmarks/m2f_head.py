@@ -6,9 +6,12 @@ For each backbone (random init, nothing downloaded) this times
 and prints seconds per image and the ratio head / backbone.
 
     python benchmarks/m2f_head.py --device cpu --iters 1 --backbones s
-    python benchmarks/m2f_head.py --device cuda --iters 20 --amp
+    python benchmarks/m2f_head.py --device cuda            # batch 8, 10 timed steps after 3
+    python benchmarks/m2f_head.py --device cuda --amp      # bf16 autocast
     python benchmarks/m2f_head.py --quick      # CPU smoke run: ViT-S, batch 1, 256 px, one iteration
 
+Defaults: batch 2, 5 timed steps after 1 on CPU; batch 8, 10 after 3 on CUDA, where the head's peak memory
+(``torch.cuda.max_memory_allocated`` over its steps) is printed too.
 The last line is the head / backbone time ratio of the last backbone listed.
 """
 
@@ -25,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backbones.features import Features  # noqa: E402
-from benchmarks.common import ade_like_masks, timed  # noqa: E402
+from benchmarks.common import (ade_like_masks, describe, device_defaults, peak_memory_mib,  # noqa: E402
+                               reset_peak_memory, timed)
 from heads.mask2former import Mask2FormerHead  # noqa: E402
 
 BACKBONES = {
@@ -64,7 +68,9 @@ def bench(name: str, indices: list[int], args, device: torch.device) -> float:
         loss.backward()
         head.zero_grad(set_to_none=True)
 
+    reset_peak_memory(device)
     t_head = timed(head_step, device, args.iters, args.warmup)
+    peak = peak_memory_mib(device)
     n_params = sum(p.numel() for p in head.parameters())
     n_bb = sum(p.numel() for p in backbone.parameters())
     per_img = 1.0 / args.batch
@@ -72,6 +78,7 @@ def bench(name: str, indices: list[int], args, device: torch.device) -> float:
         f"{name}: backbone {n_bb / 1e6:.1f}M params fwd {t_backbone * per_img * 1e3:.1f} ms/img | "
         f"M2F head (hidden {args.hidden}) {n_params / 1e6:.2f}M params fwd+bwd {t_head * per_img * 1e3:.1f} ms/img | "
         f"ratio head/backbone {t_head / t_backbone:.2f}"
+        + ("" if peak is None else f" | head step peak CUDA memory {peak:.0f} MiB")
     )
     return t_head / t_backbone
 
@@ -79,9 +86,9 @@ def bench(name: str, indices: list[int], args, device: torch.device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=None, help="timed steps (5 on CPU, 10 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (1 on CPU, 3 on CUDA)")
+    parser.add_argument("--batch", type=int, default=None, help="2 on CPU, 8 on CUDA")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--num-classes", type=int, default=150)
@@ -91,8 +98,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.backbones, args.batch, args.size, args.iters = "s", 1, 256, 1
+    device_defaults(args, cpu=dict(iters=5, warmup=1, batch=2), cuda=dict(iters=10, warmup=3, batch=8))
     device = torch.device(args.device)
-    print(f"device {device}, batch {args.batch}, {args.size}px, iters {args.iters}, amp {args.amp}")
+    print(f"device {describe(device)}, batch {args.batch}, {args.size}px, iters {args.iters} after {args.warmup}, "
+          f"amp {args.amp}")
     for key in args.backbones.split(","):
         ratio = bench(*BACKBONES[key.strip()], args, device)
     print(f"m2f head fwd+bwd / frozen {BACKBONES[key.strip()][0]} fwd: {ratio:.2f}x")

@@ -1,6 +1,6 @@
 """Our Mask2Former head against Hugging Face ``transformers``' Mask2Former head: training step and inference.
 
-    python benchmarks/m2f_vs_hf.py [--device cuda] [--size 512] [--batch 2] [--iters 5] [--quick]
+    python benchmarks/m2f_vs_hf.py [--device cuda] [--size 512] [--batch B] [--iters 5] [--quick]
 
 Both heads read the same frozen ViT features (random ``(B, C, H/16, W/16)`` maps, 4 layers) through the same
 ``SimpleFeaturePyramid`` (strides 4/8/16/32), then: ours = ``Mask2FormerHead``'s pixel decoder, masked-attention
@@ -16,6 +16,7 @@ side. On CPU the process's CPU time per step is reported too: on a machine share
 less than the wall time (exact with one thread, ``OMP_NUM_THREADS=1``). Peak memory comes from one training step of each head in its own child process: on CUDA
 ``torch.cuda.max_memory_allocated``, on CPU the peak resident set size above the size before the step.
 The last line is ``m2f train steps/s ours vs hf: N.NNx``.
+Defaults: batch 2 and one warm-up round on CPU, batch 8 and two warm-up rounds on CUDA.
 ``--quick``: 256 px, batch 1, two rounds (a CPU smoke run).
 """
 
@@ -192,6 +193,20 @@ def _peak_memory(which: str, args, queue) -> None:
         queue.put(_peak_rss_bytes() - base)
 
 
+def _child_result(process, queue, which: str):
+    """What the child process put in ``queue``; an error naming the head if it died first (a crash or an
+    out-of-memory kill would otherwise leave ``queue.get()`` waiting forever)."""
+    import queue as queues
+
+    while True:
+        try:
+            return queue.get(timeout=5)
+        except queues.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"the peak-memory process of {which!r} died (exit code {process.exitcode}) "
+                                   "before reporting; its error is printed above") from None
+
+
 def _timings(args) -> dict[str, dict[str, float]]:
     """Training-step and inference seconds of both heads, fastest of ``args.iters`` rounds in turns."""
     sys.path.insert(0, str(ROOT))
@@ -217,27 +232,33 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" and
                         __import__("torch").cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=512, help="image side; features are size / 16")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=None, help="2 on CPU, 8 on CUDA")
     parser.add_argument("--channels", type=int, default=384, help="backbone width (384 = ViT-S, 1024 = ViT-L)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (1 on CPU, 2 on CUDA)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or
                         os.cpu_count(), help="torch CPU threads in each child process")
     parser.add_argument("--quick", action="store_true", help="256 px, batch 1, two rounds")
     args = parser.parse_args()
     if args.quick:
         args.size, args.batch, args.iters = 256, 1, 2
-    print(f"device {args.device}, batch {args.batch}, {args.size} px (features {args.size // 16}^2 x "
-          f"{args.channels}), hidden {args.hidden}, 100 queries, 6 + 9 layers, 12544 points, "
-          f"fastest of {args.iters} rounds after {args.warmup}")
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from benchmarks.common import describe, device_defaults
+
+    device_defaults(args, cpu=dict(batch=2, warmup=1), cuda=dict(batch=8, warmup=2))
+    print(f"device {describe(torch.device(args.device))}, batch {args.batch}, {args.size} px "
+          f"(features {args.size // 16}^2 x {args.channels}), hidden {args.hidden}, 100 queries, 6 + 9 layers, "
+          f"12544 points, fastest of {args.iters} rounds after {args.warmup}")
     context = mp.get_context("spawn")
     peaks = {}
     for which in ("ours", "hf"):
         queue = context.Queue()
         process = context.Process(target=_peak_memory, args=(which, args, queue))
         process.start()
-        peaks[which] = queue.get()
+        peaks[which] = _child_result(process, queue, which)
         process.join()
     results = _timings(args)
     memory = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS increase"

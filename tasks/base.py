@@ -63,9 +63,14 @@ class DenseTask(L.LightningModule):
         pad_h, pad_w = (-images.shape[-2]) % multiple, (-images.shape[-1]) % multiple
         return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
 
-    def forward(self, images: torch.Tensor):
-        """Raw head outputs for ``(B, 3, H, W)`` images whose sides are multiples of the backbone stride."""
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """Raw head outputs for ``(B, 3, H, W)`` images whose sides are multiples of the backbone stride.
+
+        ``padding_mask``: ``(B, H, W)`` bool, ``True`` on padding (a batch of differently sized images), set as
+        ``Features.padding_mask`` for the heads that read it (DETR); None: no padding.
+        """
         features = self.backbone(images)
+        features.padding_mask = padding_mask
         return self.head(features, features.padded_size)
 
     def dense(self, images: torch.Tensor) -> torch.Tensor:

@@ -138,9 +138,9 @@ class DetectionTask(DenseTask):
     def predict_boxes(self, batch: dict) -> list[dict]:
         """Detections of a collated batch, in each image's original pixels (``boxes`` xyxy, ``scores``, ``labels``)."""
         images = self.pad_to_stride(batch["image"])
-        features = self.backbone(images)
-        features.padding_mask = batch_padding_mask(batch["meta"], features.padded_size, images.device)
-        predictions = self.head.predict(self.head(features, features.padded_size), features.padded_size)
+        padded_size = tuple(images.shape[-2:])
+        outputs = self(images, batch_padding_mask(batch["meta"], padded_size, images.device))
+        predictions = self.head.predict(outputs, padded_size)
         return [{**pred, "boxes": rescale_boxes(pred["boxes"].float(), meta["image_size"], meta["orig_size"])}
                 for pred, meta in zip(predictions, batch["meta"])]
 

@@ -22,7 +22,7 @@ from heads.mask2former.mask_logits import DenseMaskLogits, FactoredMaskLogits, s
 from heads.mask2former.matcher import sample_matched_targets, sample_targets
 from heads.mask2former.pixel_decoder import sine_position_embedding
 from heads.ops import MSDeformAttn, average_over_processes, ms_deform_attn_core
-from heads.ops.ms_deform_attn import ms_deform_attn_grid_sample
+from heads.ops.ms_deform_attn import _pair_dots, _row_dots, ms_deform_attn_grid_sample
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -140,6 +140,15 @@ def test_ms_deform_attn_gather_equals_grid_sample_with_gradients():
         loc[0, 1, 0, 1, 0] = torch.tensor([0.0, 1.0])  # the map's corner
         torch.testing.assert_close(ms_deform_attn_core(value, shapes, loc, wts),
                                    ms_deform_attn_grid_sample(value, shapes, loc, wts), atol=1e-5, rtol=1e-5)
+
+
+def test_ms_deform_attn_weight_gradient_accelerator_path_equals_cpu_path():
+    """The weight gradient's accelerator kernel (``_pair_dots``, only taken off the CPU) gives ``_row_dots``'s pair
+    dot products; run here on the CPU, where both exist, with int32 corner rows as the gather-sum passes them."""
+    g = torch.Generator().manual_seed(3)
+    table, vectors = torch.randn(50, 8, generator=g), torch.randn(30, 8, generator=g)
+    rows = torch.randint(0, 50, (30, 16), generator=g, dtype=torch.int32)
+    torch.testing.assert_close(_pair_dots(table, rows, vectors), _row_dots(table, rows, vectors))
 
 
 def test_ms_deform_attn_box_reference_and_grad():

@@ -82,13 +82,22 @@ def _row_dots(table: Tensor, rows: Tensor, vectors: Tensor, block_elements: int 
     return out
 
 
+def _pair_dots(table: Tensor, rows: Tensor, vectors: Tensor) -> Tensor:
+    """``_row_dots`` as one ``embedding_bag`` per-sample-weight backward kernel (the accelerator path)."""
+    n, k = rows.shape
+    flat = rows.reshape(-1).long()
+    offsets = torch.arange(0, n * k, k, device=flat.device)
+    bags = torch.arange(n, device=flat.device).repeat_interleave(k)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(vectors, table, flat, offsets, bags, 0).view(n, k)
+
+
 class _GatherSum(torch.autograd.Function):
     """``out[n] = sum_k weights[n, k] * table[rows[n, k]]``: ``table (R, D)``, ``rows``, ``weights (N, K)`` -> ``(N, D)``.
 
     Gradients for ``table`` and ``weights``. The table gradient is the transposed gather-sum: the
     ``(n, k)`` pairs are grouped by row with one stable sort of the (integer) row indices, then one
     ``embedding_bag`` sums ``weights * grad[n]`` per row. The weight gradient is a dot product per pair
-    (``_row_dots`` on CPU).
+    (``_row_dots`` on CPU, ``_pair_dots`` elsewhere).
     """
 
     @staticmethod
@@ -100,7 +109,7 @@ class _GatherSum(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         table, rows, weights = ctx.saved_tensors
-        n, k = rows.shape
+        k = rows.shape[1]
         flat = rows.reshape(-1)
         grad_table = grad_weights = None
         if ctx.needs_input_grad[0]:
@@ -110,14 +119,8 @@ class _GatherSum(torch.autograd.Function):
             grad_table = F.embedding_bag(torch.div(order, k, rounding_mode="floor"), grad.to(table.dtype), starts.long(),
                                          per_sample_weights=weights.reshape(-1).index_select(0, order), mode="sum")
         if ctx.needs_input_grad[2]:
-            if table.device.type == "cpu":
-                grad_weights = _row_dots(table, rows, grad.to(table.dtype))
-            else:
-                flat = flat.long()
-                offsets = torch.arange(0, n * k, k, device=flat.device)
-                bags = torch.arange(n, device=flat.device).repeat_interleave(k)
-                grad_weights = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                    grad.to(table.dtype), table, flat, offsets, bags, 0).view(n, k)
+            dots = _row_dots if table.device.type == "cpu" else _pair_dots
+            grad_weights = dots(table, rows, grad.to(table.dtype))
         return grad_table, None, grad_weights
 
 
