@@ -130,3 +130,13 @@ def test_loss_points_config():
         SegLoss(["ce", "dice"], points=64)
     with pytest.raises(ValueError, match="points=-1"):
         SegLoss("ce", points=-1)
+
+
+def test_sampled_points_of_half_precision_logits_sit_at_their_pixels():
+    """Pixel coordinates stay exact with bf16 logits (bf16 holds integers exactly only up to 256)."""
+    logits = (torch.randn(1, 3, 2, 640, generator=torch.Generator().manual_seed(0)) * 4).bfloat16()
+    mask = torch.full((1, 2, 640), 255)
+    mask[0, 1, 511] = 1  # same size as the logits: pixel 511 reads exactly logits[..., 511]
+    expected = F.cross_entropy(logits.float()[:, :, 1, 511], torch.tensor([1]))
+    value = sampled_cross_entropy(logits, mask, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(value.float(), expected, atol=1e-5, rtol=1e-5)

@@ -232,7 +232,7 @@ def sampled_cross_entropy(logits: torch.Tensor, mask: torch.Tensor, points: int,
     bad = (counts[:, None] > 0) & ((labels < 0) | (labels >= logits.shape[1]))
     if bad.any():
         raise ValueError(f"mask labels must be 0..{logits.shape[1] - 1} or {ignore_index}, found {int(labels[bad][0])}")
-    rows, cols = (flat // width).to(logits.dtype), (flat % width).to(logits.dtype)
+    rows, cols = (flat // width).float(), (flat % width).float()  # float32: bf16 rounds pixel indices above 256
     grid = torch.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], dim=-1)[:, None]  # (B, 1, P, 2)
     values = F.grid_sample(logits.float(), grid.float(), mode="bilinear", padding_mode="border",
                            align_corners=False)[:, :, 0]  # (B, K, P)
