@@ -43,11 +43,10 @@ mkdir -p "$logs"
 logs=$(cd "$logs" && pwd)
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} PYTHONUNBUFFERED=1  # unbuffered: a killed benchmark's log keeps its lines
 
-# Seconds per benchmark on a GPU (the sum, 525, fits the budget even if every one ran out) and the extra
-# arguments a GPU run gives a benchmark whose own defaults are CPU-sized.
+# Seconds per benchmark on a GPU (the sum, 525, fits the budget even if every one ran out); each benchmark picks
+# its own GPU sizes.
 declare -A LIMITS=([adapter]=55 [detr_heads]=55 [feature_cache]=85 [m2f_head]=70 [m2f_vs_hf]=85 [slide]=70
                    [smp_decoders]=45 [sweep]=60)
-declare -A GPU_ARGS=([sweep]="--batch-size 32 --iters 10")
 if [[ $device == cpu ]]; then budget=${BENCH_BUDGET:-3600}; else budget=${BENCH_BUDGET:-540}; fi
 
 # The device in words, from torch itself (the GPU's name), and the versions that the figures depend on.
@@ -100,7 +99,6 @@ for script in "${scripts[@]}"; do
     args=()
     grep -q -- '"--device"' "$script" && args+=(--device "$device")
     [[ $quick == 1 ]] && grep -q -- '"--quick"' "$script" && args+=(--quick)
-    if [[ $device != cpu && -n ${GPU_ARGS[$name]:-} ]]; then read -ra extra <<<"${GPU_ARGS[$name]}"; args+=("${extra[@]}"); fi
     if [[ $device == cpu ]]; then own=${BENCH_TIMEOUT:-900}; else own=${BENCH_TIMEOUT:-${LIMITS[$name]:-60}}; fi
     left=$((budget - (SECONDS - started)))
     limit=$((own < left ? own : left))
