@@ -2,8 +2,6 @@
 
     python benchmarks/slide.py [--backbone vits16] [--device cuda] [--batch-size 8] [--iters 3] [--quick]
 
-Default backbone: ViT-S/16 on CPU, ViT-L/16 on CUDA (the sizes of the issue's GPU goals: ViT-L on 1024x2048).
-
 For each image size it times: the per-crop loop, our ``slide_inference`` with full-resolution stitching
 (``stitch=full``, Meta's) as ``Predictor`` runs it (each window's 1/16 logits upsampled as they are stitched),
 from the model's upsampled window outputs, and for labels only (``return_probs=False``), with stitching on the head's 1/16 grid (``stitch=native``), and, as the
@@ -29,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from backbones import build_backbone  # noqa: E402
-from benchmarks.common import describe, device_defaults, sync  # noqa: E402
+from benchmarks.common import describe, sync  # noqa: E402
 from heads import LinearSegHead  # noqa: E402
 from tasks.inference import slide_inference, window_starts  # noqa: E402
 from tasks.predictor import DenseModel  # noqa: E402
@@ -68,8 +66,7 @@ def timed(fns: dict, device: torch.device, iters: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default=None, help="backbone name (random init), e.g. vits16, vit_test "
-                        "(default: vits16 on CPU, vitl16 on CUDA)")
+    parser.add_argument("--backbone", default="vits16", help="backbone name (random init), e.g. vits16, vit_test")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3)
@@ -81,7 +78,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.backbone, args.sizes, args.iters = "vit_test", ["512x1024"], 2
-    device_defaults(args, cpu=dict(backbone="vits16"), cuda=dict(backbone="vitl16"))
 
     device = torch.device(args.device)
     torch.manual_seed(0)
