@@ -13,8 +13,10 @@ A training step is forward + loss + backward + AdamW step; inference is forward 
 resolution under ``torch.inference_mode``. Both heads live in one process and take turns, step by step; each
 figure is the fastest of ``--iters`` rounds after ``--warmup``, so load from other processes inflates neither
 side. On CPU the process's CPU time per step is reported too: on a machine shared with other jobs it moves
-less than the wall time (exact with one thread, ``OMP_NUM_THREADS=1``). Peak memory comes from one training step of each head in its own child process: on CUDA
-``torch.cuda.max_memory_allocated``, on CPU the peak resident set size above the size before the step.
+less than the wall time (exact with one thread, ``OMP_NUM_THREADS=1``). Peak memory of one training step of each
+head above what was allocated before it: on CUDA ``torch.cuda.max_memory_allocated`` after the warm-up rounds, in
+this process (the counters reset per step; no extra CUDA start-up); on CPU the peak resident set size, each head in
+its own child process (a process's peak RSS cannot be reset).
 The last line is ``m2f train steps/s ours vs hf: N.NNx``.
 Defaults: batch 2 and one warm-up round on CPU, batch 8 and two warm-up rounds on CUDA.
 ``--quick``: 256 px, batch 1, two rounds (a CPU smoke run).
@@ -176,21 +178,26 @@ class _Bench:
 
 
 def _peak_memory(which: str, args, queue) -> None:
-    """Child process: one head, one training step; its peak memory above the size before the step."""
+    """CPU child process: one head, one training step; its peak resident set size above the size before the step."""
     sys.path.insert(0, str(ROOT))
     import torch
 
     torch.set_num_threads(args.threads)
     bench = _Bench(which, args)
-    if bench.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        bench.train_step()
-        queue.put(torch.cuda.max_memory_allocated() - base)
-    else:
-        base = _peak_rss_bytes()
-        bench.train_step()
-        queue.put(_peak_rss_bytes() - base)
+    base = _peak_rss_bytes()
+    bench.train_step()
+    queue.put(_peak_rss_bytes() - base)
+
+
+def _cuda_peak(bench) -> int:
+    """Bytes allocated at the peak of one training step of ``bench`` above what was allocated before it."""
+    import torch
+
+    bench.sync()
+    torch.cuda.reset_peak_memory_stats(bench.device)
+    base = torch.cuda.memory_allocated(bench.device)
+    bench.train_step()
+    return torch.cuda.max_memory_allocated(bench.device) - base
 
 
 def _child_result(process, queue, which: str):
@@ -215,7 +222,10 @@ def _timings(args) -> dict[str, dict[str, float]]:
     torch.set_num_threads(args.threads)
     benches = {which: _Bench(which, args) for which in ("ours", "hf")}
     times = {which: {"train_s": [], "infer_s": [], "train_cpu_s": [], "infer_cpu_s": []} for which in benches}
+    peaks = {}
     for round_ in range(args.warmup + args.iters):
+        if round_ == args.warmup and args.device.startswith("cuda"):
+            peaks = {which: _cuda_peak(bench) for which, bench in benches.items()}
         for which, bench in benches.items():
             for key, fn in (("train", bench.train_step), ("infer", bench.infer)):
                 start, start_cpu = time.perf_counter(), time.process_time()
@@ -224,7 +234,8 @@ def _timings(args) -> dict[str, dict[str, float]]:
                     times[which][f"{key}_s"].append(time.perf_counter() - start)
                     times[which][f"{key}_cpu_s"].append(time.process_time() - start_cpu)
     return {which: {key: min(values) for key, values in per.items()} | {
-        "params": sum(p.numel() for p in benches[which].head.parameters())} for which, per in times.items()}
+        "params": sum(p.numel() for p in benches[which].head.parameters()), **(
+            {"train_peak": peaks[which]} if peaks else {})} for which, per in times.items()}
 
 
 def main() -> None:
@@ -252,18 +263,19 @@ def main() -> None:
     print(f"device {describe(torch.device(args.device))}, batch {args.batch}, {args.size} px "
           f"(features {args.size // 16}^2 x {args.channels}), hidden {args.hidden}, 100 queries, 6 + 9 layers, "
           f"12544 points, fastest of {args.iters} rounds after {args.warmup}")
-    context = mp.get_context("spawn")
     peaks = {}
-    for which in ("ours", "hf"):
-        queue = context.Queue()
-        process = context.Process(target=_peak_memory, args=(which, args, queue))
-        process.start()
-        peaks[which] = _child_result(process, queue, which)
-        process.join()
+    if not args.device.startswith("cuda"):
+        context = mp.get_context("spawn")
+        for which in ("ours", "hf"):
+            queue = context.Queue()
+            process = context.Process(target=_peak_memory, args=(which, args, queue))
+            process.start()
+            peaks[which] = _child_result(process, queue, which)
+            process.join()
     results = _timings(args)
     memory = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS increase"
     for which, r in results.items():
-        r["train_peak"] = peaks[which]
+        r.setdefault("train_peak", peaks.get(which))
         print(f"{which:>4}: {r['params'] / 1e6:.2f}M params | train {1 / r['train_s']:.3f} steps/s "
               f"({r['train_s'] * 1000:.0f} ms) | inference {1 / r['infer_s']:.3f} batches/s "
               f"({r['infer_s'] * 1000:.0f} ms) | {memory} in a training step {r['train_peak'] / 2**20:.0f} MiB")
