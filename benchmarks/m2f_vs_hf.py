@@ -189,15 +189,16 @@ def _peak_memory(which: str, args, queue) -> None:
     queue.put(_peak_rss_bytes() - base)
 
 
-def _cuda_peak(bench) -> int:
+def _cuda_peak(bench) -> float:
     """Bytes allocated at the peak of one training step of ``bench`` above what was allocated before it."""
     import torch
 
-    bench.sync()
-    torch.cuda.reset_peak_memory_stats(bench.device)
+    from benchmarks.common import peak_memory_mib, reset_peak_memory
+
+    reset_peak_memory(bench.device)
     base = torch.cuda.memory_allocated(bench.device)
     bench.train_step()
-    return torch.cuda.max_memory_allocated(bench.device) - base
+    return peak_memory_mib(bench.device) * 2**20 - base
 
 
 def _child_result(process, queue, which: str):

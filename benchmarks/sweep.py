@@ -34,6 +34,11 @@ from tasks import ClassificationTask, SegmentationTask  # noqa: E402
 from tasks.sweep import META_LEARNING_RATES, sweep_task  # noqa: E402
 
 
+# (image size, batch size) per task when not given: on a CPU, on CUDA, and for --quick
+DEFAULTS = {"cls": {"cpu": (224, 8), "cuda": (224, 32), "quick": (64, 2)},
+            "seg": {"cpu": (512, 2), "cuda": (512, 8), "quick": (128, 2)}}
+
+
 def step_time(task, batch: dict, device: torch.device, iters: int, warmup: int) -> tuple[float, float]:
     """Median wall and process-CPU seconds of one training step over ``iters`` steps after ``warmup`` steps."""
     optimizer = torch.optim.AdamW(task.head.parameters(), lr=1e-3)
@@ -57,9 +62,9 @@ def step_time(task, batch: dict, device: torch.device, iters: int, warmup: int) 
 
 def sweep_ratios(task: str, args, device: torch.device) -> list[str]:
     """Time one head and the 13-head sweep for ``task`` (``cls`` or ``seg``); one ``<name>: <ratio>x`` line each."""
-    size = args.size or {"cls": 64 if args.quick else 224, "seg": 128 if args.quick else 512}[task]
-    batch_size = args.batch_size or (2 if args.quick else (32 if device.type == "cuda" else 8) if task == "cls"
-                                     else (8 if device.type == "cuda" else 2))
+    kind = "quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")
+    default_size, default_batch = DEFAULTS[task][kind]
+    size, batch_size = args.size or default_size, args.batch_size or default_batch
     torch.manual_seed(0)
     backbone = {"name": args.backbone, "out_indices": [-1]}
     if task == "cls":

@@ -129,11 +129,12 @@ def _by_recurrence(wide, labels, scale, need_grad):
     label_terms = sum(torch.dot(wide[i].view(-1), grad_wide[i].view(-1)).double() for i in range(height_in))
     norms = wide.new_empty(height, batch, width)
     group = max(1, ROW_ELEMENTS // (classes * width))
+    runs = row_runs(height_in, height)
     for b0 in range(0, batch, group):
         b1 = min(batch, b0 + group)
         numer = wide.new_empty(b1 - b0, classes, width)
         coef = wide.new_empty(2, b1 - b0, 1, width)
-        for start, stop, lo, hi, f0, step in row_runs(height_in, height):
+        for start, stop, lo, hi, f0, step in runs:
             z_low = wide[lo, b0:b1]
             d = wide[hi, b0:b1] - z_low
             grads = grad_wide[lo:hi + 1, b0:b1]  # the two wide rows' gradients (one when the border clamps)
@@ -234,7 +235,7 @@ def sampled_cross_entropy(logits: torch.Tensor, mask: torch.Tensor, points: int,
         raise ValueError(f"mask labels must be 0..{logits.shape[1] - 1} or {ignore_index}, found {int(labels[bad][0])}")
     rows, cols = (flat // width).float(), (flat % width).float()  # float32: bf16 rounds pixel indices above 256
     grid = torch.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], dim=-1)[:, None]  # (B, 1, P, 2)
-    values = F.grid_sample(logits.float(), grid.float(), mode="bilinear", padding_mode="border",
+    values = F.grid_sample(logits.float(), grid, mode="bilinear", padding_mode="border",
                            align_corners=False)[:, :, 0]  # (B, K, P)
     per_point = F.cross_entropy(values, labels.where(counts[:, None] > 0, 0), reduction="none")  # (B, P)
     total = (per_point.mean(1) * counts).sum()
