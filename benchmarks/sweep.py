@@ -62,8 +62,8 @@ def step_time(task, batch: dict, device: torch.device, iters: int, warmup: int) 
 
 def sweep_ratios(task: str, args, device: torch.device) -> list[str]:
     """Time one head and the 13-head sweep for ``task`` (``cls`` or ``seg``); one ``<name>: <ratio>x`` line each."""
-    kind = "quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")
-    default_size, default_batch = DEFAULTS[task][kind]
+    regime = "quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")
+    default_size, default_batch = DEFAULTS[task][regime]
     size, batch_size = args.size or default_size, args.batch_size or default_batch
     torch.manual_seed(0)
     backbone = {"name": args.backbone, "out_indices": [-1]}
