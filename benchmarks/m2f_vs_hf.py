@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (1 on CPU, 2 on CUDA)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or
-                        os.cpu_count(), help="torch CPU threads in each child process")
+                        os.cpu_count(), help="torch CPU threads (this process and the CPU memory children)")
     parser.add_argument("--quick", action="store_true", help="256 px, batch 1, two rounds")
     args = parser.parse_args()
     if args.quick:
