@@ -6,8 +6,9 @@
 Linear-segmentation logits ``(B, K, size / 16, size / 16)`` (random, 3 x randn) against ADE20K-like label maps
 ``(B, size, size)``; each way's loss and gradient with respect to the logits, timed (mean of ``--iters`` after
 ``--warmup``, synchronised on CUDA). Ways: ``plain`` (the full-resolution logits in memory), ``fused``
-(``heads.ops.upsampled_ce.upsampled_cross_entropy`` as ``SegLoss`` calls it: rows by recurrence on a CPU, chunks on
-an accelerator) and, on a CPU, ``chunks`` (the fused loss forced to take the chunked way, the accelerators' one).
+(``heads.ops.upsampled_ce.upsampled_cross_entropy`` as ``SegLoss`` calls it: rows by recurrence in the compiled
+kernel on a CPU, chunks on an accelerator) and, on a CPU, ``torch rows`` (the same recurrence in PyTorch, as where no
+compiler is found) and ``chunks`` (the fused loss forced to take the chunked way, the accelerators' one).
 The ways' largest loss and gradient differences from ``plain`` are printed, and on CUDA each way's peak memory
 (``torch.cuda.max_memory_allocated``). Defaults: batch 2, 3 timed runs after 1 on a CPU; batch 8, 10 after 3 on
 CUDA. The last line is ``upsampled ce fwd+bwd plain vs fused: <ratio>x`` (above 1: the fused loss is faster).
@@ -16,6 +17,7 @@ CUDA. The last line is ``upsampled ce fwd+bwd plain vs fused: <ratio>x`` (above 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,12 +29,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (ade_like_masks, describe, device_defaults, peak_memory_mib,  # noqa: E402
                                reset_peak_memory, timed)
 from heads.ops.upsampled_ce import CHUNK_ELEMENTS, upsampled_cross_entropy  # noqa: E402
+from heads.ops.upsampled_ce_native import SWITCH  # noqa: E402
 
 
 def plain_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The loss the fused one reproduces: upsample, then cross-entropy over labelled pixels."""
     up = F.interpolate(logits, mask.shape[-2:], mode="bilinear", align_corners=False)
     return F.cross_entropy(up, mask, ignore_index=255)
+
+
+def torch_rows_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The fused loss with its compiled kernel switched off: rows by recurrence in PyTorch."""
+    before, os.environ[SWITCH] = os.environ.get(SWITCH), "0"
+    try:
+        return upsampled_cross_entropy(logits, mask)
+    finally:
+        if before is None:
+            del os.environ[SWITCH]
+        else:
+            os.environ[SWITCH] = before
 
 
 def main() -> None:
@@ -57,6 +72,7 @@ def main() -> None:
     rows = max(1, CHUNK_ELEMENTS // (args.batch * args.classes * args.size))
     ways = {"plain": plain_loss, "fused": upsampled_cross_entropy}
     if device.type == "cpu":
+        ways["torch rows"] = torch_rows_loss
         ways["chunks"] = lambda x, m: upsampled_cross_entropy(x, m, rows=rows)
 
     def run(loss_fn):
@@ -76,7 +92,8 @@ def main() -> None:
               f"grad diff {float((grad - expected_grad).abs().max()):.1e} (grad max "
               f"{float(expected_grad.abs().max()):.1e})" + (f" | peak {memory:.0f} MiB" if memory is not None else ""))
     if "chunks" in seconds:
-        print(f"upsampled ce fwd+bwd chunks vs rows by recurrence: {seconds['chunks'] / seconds['fused']:.2f}x")
+        print(f"upsampled ce fwd+bwd chunks vs torch rows: {seconds['chunks'] / seconds['torch rows']:.2f}x")
+        print(f"upsampled ce fwd+bwd torch rows vs compiled rows: {seconds['torch rows'] / seconds['fused']:.2f}x")
     print(f"upsampled ce fwd+bwd plain vs fused: {seconds['plain'] / seconds['fused']:.2f}x")
 
 

@@ -1,12 +1,13 @@
 """heads/ops/upsampled_ce.py: the fused upsample + cross-entropy equals F.interpolate + F.cross_entropy (value and
-gradient) both ways (rows by recurrence, chunks); the point-sampled estimate is exact at its points and unbiased."""
+gradient) every way (rows by recurrence in the compiled kernel and in PyTorch, chunks); the point-sampled estimate is
+exact at its points and unbiased."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from heads import LinearSegHead
-from heads.ops import upsampled_ce
+from heads.ops import upsampled_ce, upsampled_ce_native
 from heads.ops.upsampled_ce import bilinear_weights, row_runs, sampled_cross_entropy, upsampled_cross_entropy
 from heads.seg_losses import SegLoss
 
@@ -26,27 +27,98 @@ def _inputs(shape, size, seed=0):
     return logits, mask
 
 
-@pytest.mark.parametrize("shape,size,rows", [
+CASES = [
     ((2, 7, 8, 8), (128, 128), None),  # 16x, rows by recurrence (runs of 16 rows: a fresh exp2 every 8)
     ((2, 7, 8, 8), (128, 128), 40),    # 16x, chunks of 40 rows
     ((1, 5, 4, 4), (128, 96), None),   # 32x / 24x: runs of 32 rows
-    ((2, 5, 4, 6), (17, 23), None),    # odd factors
+    ((2, 5, 4, 6), (17, 23), None),    # odd factors; the compiled kernel's last tile of a row is 7 columns wide
     ((2, 5, 4, 6), (17, 23), 3),       # odd factors, chunks of 3 rows
     ((1, 3, 5, 3), (5, 9), None),      # one side kept
     ((1, 3, 5, 3), (5, 9), 1),
     ((2, 4, 6, 6), (3, 4), None),      # downsampling
     ((2, 4, 6, 6), (3, 4), 2),
-])
-@pytest.mark.parametrize("avg_non_ignore", [True, False])
-def test_fused_loss_and_gradient_equal_interpolate_then_cross_entropy(shape, size, rows, avg_non_ignore):
+]
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def recurrence(request, monkeypatch):
+    """Rows by recurrence in the compiled kernel, or in PyTorch (as where no compiler is found)."""
+    if request.param == "torch":
+        monkeypatch.setattr(upsampled_ce_native, "rows_kernel", lambda *flags: None)
+    else:
+        assert upsampled_ce_native.rows_kernel() is not None, "the kernel must build where the tests run"
+    return request.param
+
+
+def _check_against_reference(shape, size, avg_non_ignore, rows=None, spread=1.0):
     logits, mask = _inputs(shape, size)
-    ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours, ref = (logits * spread).requires_grad_(), (logits * spread).requires_grad_()
     loss = upsampled_cross_entropy(ours, mask, avg_non_ignore=avg_non_ignore, rows=rows)
     expected = _reference(ref, mask, avg_non_ignore)
     (2.5 * loss).backward()
     (2.5 * expected).backward()
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ours.grad, ref.grad, atol=1e-7, rtol=1e-5)
+    with torch.no_grad():  # without a gradient to form, the same value
+        torch.testing.assert_close(upsampled_cross_entropy(ours, mask, avg_non_ignore=avg_non_ignore, rows=rows),
+                                   loss.detach())
+
+
+@pytest.mark.parametrize("shape,size,rows", CASES)
+@pytest.mark.parametrize("avg_non_ignore", [True, False])
+def test_fused_loss_and_gradient_equal_interpolate_then_cross_entropy(shape, size, rows, avg_non_ignore):
+    _check_against_reference(shape, size, avg_non_ignore, rows)
+
+
+@pytest.mark.parametrize("shape,size", [(shape, size) for shape, size, rows in CASES if rows is None])
+def test_recurrence_equals_interpolate_then_cross_entropy_compiled_and_in_torch(shape, size, recurrence):
+    _check_against_reference(shape, size, True)
+
+
+@pytest.mark.parametrize("flags", [(), ("-mavx2", "-mfma")], ids=["baseline", "avx2"])
+def test_each_version_of_the_compiled_kernel_gives_the_same_numbers(flags, monkeypatch):
+    """A default build runs the version the CPU picks; build the baseline and the AVX2 versions alone, and check each
+    (the case has a partial tile and runs of 16 rows)."""
+    if flags and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    kernel = upsampled_ce_native.rows_kernel(("-DUPSAMPLED_CE_ONE_VERSION", *flags))
+    assert kernel is not None
+    monkeypatch.setattr(upsampled_ce_native, "rows_kernel", lambda *a: kernel)
+    _check_against_reference((2, 7, 8, 5), (128, 72), True)
+
+
+def test_compiled_kernel_splits_the_tiles_between_threads_with_the_same_numbers():
+    logits, mask = _inputs((3, 9, 8, 8), (128, 120))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 5):
+            torch.set_num_threads(count)
+            ours = logits.clone().requires_grad_()
+            loss = upsampled_cross_entropy(ours, mask)
+            loss.backward()
+            results.append((loss.detach(), ours.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(grad, results[0][1], atol=1e-9, rtol=1e-5)
+
+
+def test_a_failed_build_warns_and_the_environment_can_switch_the_kernel_off(monkeypatch):
+    import torch.utils.cpp_extension
+
+    monkeypatch.setenv(upsampled_ce_native.SWITCH, "0")
+    assert upsampled_ce_native.rows_kernel() is None
+    monkeypatch.delenv(upsampled_ce_native.SWITCH)
+    assert upsampled_ce_native.rows_kernel() is not None
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("c++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match="c\\+\\+: command not found.*PyTorch way"):
+        assert upsampled_ce_native.rows_kernel(("-DNO_SUCH_BUILD",)) is None
 
 
 def test_row_runs_rebuild_the_bilinear_weights():
@@ -61,23 +133,20 @@ def test_row_runs_rebuild_the_bilinear_weights():
         torch.testing.assert_close(rebuilt.float(), bilinear_weights(size_in, size_out))
 
 
-def test_recurrence_is_taken_on_cpu_and_chunks_when_classes_span_too_many_octaves(monkeypatch):
+def test_the_compiled_rows_are_taken_on_cpu_then_torch_rows_and_chunks_when_classes_span_too_many_octaves(
+        monkeypatch):
     taken = []
-    for way in ("_by_recurrence", "_by_chunks"):
+    for way in ("_by_compiled_rows", "_by_recurrence", "_by_chunks"):
         original = getattr(upsampled_ce, way)
         monkeypatch.setattr(upsampled_ce, way, lambda *a, _f=original, _w=way: taken.append(_w) or _f(*a))
-    for spread, way in [(3, "_by_recurrence"), (200, "_by_chunks")]:  # 200 * randn: logits far below FLOOR octaves
-        logits, mask = _inputs((2, 6, 4, 4), (64, 64))
-        ours, ref = (logits * spread).requires_grad_(), (logits * spread).requires_grad_()
+    kernel = upsampled_ce_native.rows_kernel
+    # 200 * randn: logits far below FLOOR octaves
+    for spread, builds, way in [(3, True, "_by_compiled_rows"), (3, False, "_by_recurrence"),
+                                (200, True, "_by_chunks")]:
+        monkeypatch.setattr(upsampled_ce_native, "rows_kernel", kernel if builds else lambda *flags: None)
         taken.clear()
-        loss = upsampled_cross_entropy(ours, mask)
-        assert taken == [way]
-        loss.backward()
-        _reference(ref, mask, True).backward()
-        torch.testing.assert_close(loss, _reference(ref.detach(), mask, True), atol=1e-5, rtol=1e-6)
-        torch.testing.assert_close(ours.grad, ref.grad, atol=1e-7, rtol=1e-5)
-        with torch.no_grad():
-            torch.testing.assert_close(upsampled_cross_entropy(ours, mask), loss.detach())
+        _check_against_reference((2, 6, 4, 4), (64, 64), True, spread=spread)
+        assert taken == [way, way]  # with and without the gradient
 
 
 def test_seg_loss_uses_the_fused_path_with_the_same_result_and_checks_labels():
