@@ -39,7 +39,8 @@ def rows_kernel(flags: tuple[str, ...] = ()):
 
 @lru_cache(maxsize=None)
 def _build(flags: tuple[str, ...]):
-    name = NAME + ("_" + hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8] if flags else "")
+    # one build folder per torch version too: torch 2.11 waits while a "lock" file exists, 2.14 leaves one behind
+    name = f"{NAME}_{hashlib.sha1(' '.join([torch.__version__, *flags]).encode()).hexdigest()[:8]}"
     try:
         from torch.utils.cpp_extension import load
 
