@@ -17,7 +17,6 @@ CUDA. The last line is ``upsampled ce fwd+bwd plain vs fused: <ratio>x`` (above 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (ade_like_masks, describe, device_defaults, peak_memory_mib,  # noqa: E402
                                reset_peak_memory, timed)
 from heads.ops.upsampled_ce import CHUNK_ELEMENTS, upsampled_cross_entropy  # noqa: E402
-from heads.ops.upsampled_ce_native import SWITCH  # noqa: E402
+from heads.ops.native import switched_off  # noqa: E402
 
 
 def plain_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,14 +39,8 @@ def plain_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def torch_rows_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The fused loss with its compiled kernel switched off: rows by recurrence in PyTorch."""
-    before, os.environ[SWITCH] = os.environ.get(SWITCH), "0"
-    try:
+    with switched_off():
         return upsampled_cross_entropy(logits, mask)
-    finally:
-        if before is None:
-            del os.environ[SWITCH]
-        else:
-            os.environ[SWITCH] = before
 
 
 def main() -> None:

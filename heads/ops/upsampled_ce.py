@@ -25,7 +25,7 @@ the stored ``(B, K, h, w)`` gradient. Not twice differentiable.
     columns, each upsampled along the width from the input columns it reads and kept in registers and L1 through
     the rows; one pass per output row; the gradient pulled back to the input columns per tile. About 3.5x faster
     than the PyTorch one.
-  - PyTorch (no compiler, or ``DINOV3_HEADS_CPU_KERNEL=0``): the logits upsampled along the width once,
+  - PyTorch (no compiler, or ``DINOV3_HEADS_CPU_KERNELS=0``): the logits upsampled along the width once,
     ``(h, B, K, W)`` ("wide"), then three passes over each row's ``(B, K, W)`` slice; the label logits enter only
     through their sum, the dot product of the wide logits with the one-hot part of the gradient (one scatter).
 - **Chunks** (accelerators, or logits whose classes span more than ``FLOOR`` octaves): the wide logits as above;
