@@ -15,7 +15,7 @@ from heads.mask2former import Mask2FormerHead, semantic_to_targets
 from heads.mask2former.mask_logits import DenseMaskLogits, FactoredMaskLogits, select_matched
 from heads.mask2former.matcher import sample_matched_targets, sample_targets
 from heads.mask2former.pixel_decoder import sine_position_embedding
-from heads.ops import MSDeformAttn, ms_deform_attn_core
+from heads.ops import MSDeformAttn, ms_deform_attn_core, ms_deform_attn_native, native
 from heads.ops.ms_deform_attn import _pair_dots, _row_dots, ms_deform_attn_grid_sample
 
 from mask2former_inputs import TINY, blocky_masks, one_thread, vit_features  # noqa: F401  (one_thread: autouse)
@@ -80,13 +80,21 @@ def test_ms_deform_attn_core_matches_naive_loop_and_transformers():
     torch.testing.assert_close(out, multi_scale_deformable_attention(value, shapes, loc, wts))
 
 
-def test_ms_deform_attn_gather_equals_grid_sample_with_gradients():
-    """The gather-sum op equals the per-level grid_sample op: values and the gradients of value, locations, weights,
-    with points inside, just outside, far outside (one corner in, or none); on a pixel centre (a kink of bilinear
-    interpolation, where the location gradient depends on the last bit of rounding) the values."""
-    g = torch.Generator().manual_seed(2)
-    shapes = [(5, 7), (3, 4), (2, 2)]
-    b, m, d, lq, p = 2, 3, 4, 6, 3
+@pytest.fixture(params=["compiled", "torch"])
+def deform_way(request):
+    """float32 CPU deformable attention in the compiled kernel, or in PyTorch (as where no compiler is found)."""
+    if request.param == "torch":
+        with native.switched_off():
+            yield request.param
+    else:
+        assert ms_deform_attn_native.kernels() is not None, "the kernel must build where the tests run"
+        yield request.param
+
+
+def _gather_against_grid_sample(shapes, b, m, d, lq, p, seed=2):
+    """Values and the gradients of value, locations and weights of ``ms_deform_attn_core`` and the grid_sample op,
+    with points inside, just outside, far outside (one corner in, or none)."""
+    g = torch.Generator().manual_seed(seed)
     value = torch.randn(b, sum(h * w for h, w in shapes), m, d, generator=g, requires_grad=True)
     loc = torch.rand(b, lq, m, len(shapes), p, 2, generator=g) * 1.6 - 0.3
     loc[0, 0, 0, :, 0] = torch.tensor([-3.0, 5.0])  # far outside: reads nothing
@@ -102,10 +110,64 @@ def test_ms_deform_attn_gather_equals_grid_sample_with_gradients():
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
     assert results[0][1].abs().sum() > 0 and results[0][2].abs().sum() > 0
     with torch.no_grad():
-        loc[0, 1, 0, 0, 0] = torch.tensor([0.5 / 7, 2.5 / 5])  # a pixel centre
+        loc[0, 1, 0, 0, 0] = torch.tensor([0.5 / shapes[0][1], 2.5 / shapes[0][0]])  # a pixel centre
         loc[0, 1, 0, 1, 0] = torch.tensor([0.0, 1.0])  # the map's corner
-        torch.testing.assert_close(ms_deform_attn_core(value, shapes, loc, wts),
-                                   ms_deform_attn_grid_sample(value, shapes, loc, wts), atol=1e-5, rtol=1e-5)
+        loc[1, 0, 2, 0, 1] = torch.tensor([float("nan"), 0.5])  # NaN reads nothing in the kernel (no crash)
+        ours, reference = (fn(value, shapes, loc, wts) for fn in (ms_deform_attn_core, ms_deform_attn_grid_sample))
+        keep = torch.ones(b, lq, m, d, dtype=torch.bool)
+        keep[1, 0, 2] = False  # the NaN sample's output: grid_sample gives NaN there
+        torch.testing.assert_close(ours.view(b, lq, m, d)[keep], reference.view(b, lq, m, d)[keep], atol=1e-5,
+                                   rtol=1e-5)
+    return results
+
+
+def test_ms_deform_attn_gather_equals_grid_sample_with_gradients(deform_way):
+    """Both ways of ``ms_deform_attn_core`` against the grid_sample op; on a pixel centre (a kink of bilinear
+    interpolation, where the location gradient depends on the last bit of rounding) the values only."""
+    _gather_against_grid_sample([(5, 7), (3, 4), (2, 2)], b=2, m=3, d=4, lq=6, p=3)
+    _gather_against_grid_sample([(6, 9), (3, 7)], b=2, m=3, d=37, lq=5, p=2, seed=3)  # 37 channels: 2 vectors + 5
+
+
+def test_ms_deform_attn_takes_the_compiled_kernel_for_float32_on_cpu(monkeypatch):
+    calls = []
+    original = ms_deform_attn_native.CompiledMSDeformAttn.apply
+    monkeypatch.setattr(ms_deform_attn_native.CompiledMSDeformAttn, "apply",
+                        lambda *a: calls.append(a[0].dtype) or original(*a))
+    shapes = [(3, 4)]
+    for dtype in (torch.float32, torch.float64):
+        value = torch.randn(1, 12, 2, 4, dtype=dtype)
+        ms_deform_attn_core(value, shapes, torch.rand(1, 3, 2, 1, 2, 2, dtype=dtype), torch.rand(1, 3, 2, 1, 2,
+                                                                                                   dtype=dtype))
+    assert calls == [torch.float32]
+    with native.switched_off():
+        ms_deform_attn_core(torch.randn(1, 12, 2, 4), shapes, torch.rand(1, 3, 2, 1, 2, 2), torch.rand(1, 3, 2, 1, 2))
+    assert calls == [torch.float32]
+
+
+@pytest.mark.parametrize("flags", [(), ("-mavx2", "-mfma")], ids=["baseline", "avx2"])
+def test_each_version_of_the_deformable_attention_kernel_gives_the_same_numbers(flags, monkeypatch):
+    if flags and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    kernels = ms_deform_attn_native.kernels(("-DNATIVE_ONE_VERSION", *flags))
+    assert kernels is not None
+    monkeypatch.setattr(ms_deform_attn_native, "kernels", lambda *a: kernels)
+    _gather_against_grid_sample([(6, 9), (3, 7)], b=2, m=3, d=37, lq=5, p=2, seed=3)
+
+
+def test_ms_deform_attn_kernel_splits_images_and_heads_between_threads():
+    g = torch.Generator().manual_seed(4)
+    shapes = [(8, 8), (4, 4)]
+    value = torch.randn(3, 80, 4, 16, generator=g, requires_grad=True)
+    loc = torch.rand(3, 20, 4, 2, 3, 2, generator=g, requires_grad=True)
+    wts = torch.rand(3, 20, 4, 2, 3, generator=g, requires_grad=True)
+    results = []
+    for count in (1, 2, 5):
+        torch.set_num_threads(count)  # the autouse fixture restores it
+        out = ms_deform_attn_core(value, shapes, loc, wts)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (value, loc, wts))))
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            torch.testing.assert_close(a, b)
 
 
 def test_ms_deform_attn_weight_gradient_accelerator_path_equals_cpu_path():

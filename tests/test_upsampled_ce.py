@@ -81,7 +81,7 @@ def test_each_version_of_the_compiled_kernel_gives_the_same_numbers(flags, monke
     (the case has a partial tile and runs of 16 rows)."""
     if flags and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("this CPU has no AVX2")
-    kernel = upsampled_ce_native.rows_kernel(("-DUPSAMPLED_CE_ONE_VERSION", *flags))
+    kernel = upsampled_ce_native.rows_kernel(("-DNATIVE_ONE_VERSION", *flags))
     assert kernel is not None
     monkeypatch.setattr(upsampled_ce_native, "rows_kernel", lambda *a: kernel)
     _check_against_reference((2, 7, 8, 5), (128, 72), True)

@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021) in pure PyTorch.
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021) in PyTorch, and in a compiled CPU kernel.
 
 Every query looks at ``num_points`` sampled locations per head and per level around its reference
 point; the locations are offsets predicted from the query, the values are read by bilinear
@@ -9,14 +9,17 @@ Coordinates are normalised to ``[0, 1]`` with ``(x, y)`` order and ``align_corne
 semantics: ``(j + 0.5) / W`` is the centre of pixel column ``j``; a corner outside the map reads 0
 (``grid_sample``'s ``padding_mode="zeros"``).
 
-Two implementations of the same function:
+Three implementations of the same function:
 
-- ``ms_deform_attn_core`` (training and inference): the attention weight of each point is folded
-  into its 4 bilinear corner weights, and one weighted gather-sum (``F.embedding_bag``) over the
-  ``(B * S * M, D)`` value table reads all levels, points and corners at once; out-of-map corners
-  get weight 0. Its backward (``_GatherSum``) scatters the value gradient with one counting sort of
-  the corner indices and one more ``embedding_bag``, instead of ``embedding_bag``'s own sorting
-  backward.
+- compiled (``ms_deform_attn_native``; float32 on a CPU, where a C++ compiler is found): one pass per
+  image and head over its queries, reading each sample's four value rows once forward and once backward.
+  About 3.5x faster than the PyTorch gather-sum below on a Mask2Former pixel decoder's layer.
+- ``ms_deform_attn_core``'s PyTorch way (other dtypes and devices, or ``DINOV3_HEADS_CPU_KERNELS=0``): the
+  attention weight of each point is folded into its 4 bilinear corner weights, and one weighted gather-sum
+  (``F.embedding_bag``) over the ``(B * S * M, D)`` value table reads all levels, points and corners at
+  once; out-of-map corners get weight 0. Its backward (``_GatherSum``) scatters the value gradient with one
+  counting sort of the corner indices and one more ``embedding_bag``, instead of ``embedding_bag``'s own
+  sorting backward.
 - ``ms_deform_attn_grid_sample``: one ``grid_sample`` per level, then the weighted sum (the algorithm
   of Deformable DETR's and Hugging Face's pure-PyTorch path). Used while exporting (``torch.export`` /
   ONNX): the ONNX exporter lowers ``embedding_bag`` to a ``Loop`` with one iteration per bag (per query
@@ -30,6 +33,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import ms_deform_attn_native
 
 
 def as_size(value) -> int:
@@ -144,6 +149,13 @@ def ms_deform_attn_core(
     """
     if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
         return ms_deform_attn_grid_sample(value, spatial_shapes, sampling_locations, attention_weights)
+    compiled = ms_deform_attn_native.kernels() if ms_deform_attn_native.usable(
+        value, sampling_locations, attention_weights) else None
+    if compiled is not None:
+        shapes = torch.tensor([[as_size(h), as_size(w)] for h, w in spatial_shapes], dtype=torch.int64)
+        starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+        return ms_deform_attn_native.CompiledMSDeformAttn.apply(value, shapes, starts, sampling_locations,
+                                                                attention_weights, compiled)
     b, s, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
     device, dtype = value.device, sampling_locations.dtype

@@ -17,14 +17,14 @@
 //   grad       (B, h, w, K)     out, zero on entry: the gradient of the loss (in octaves) wrt logits
 //
 // On x86-64 with GCC one build holds AVX-512, AVX2 and baseline versions, chosen at load time by the CPU;
-// -DUPSAMPLED_CE_ONE_VERSION builds only the one the compiler flags give (tests build each on its own).
+// -DNATIVE_ONE_VERSION builds only the one the compiler flags give (tests build each on its own).
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
 #define TILE 16  // output columns per work item: one vector
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(UPSAMPLED_CE_ONE_VERSION)
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(NATIVE_ONE_VERSION)
 #define VERSIONS __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define VERSIONS
