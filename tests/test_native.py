@@ -1,7 +1,10 @@
 """heads/ops/native.py: compiled CPU kernels build, can be switched off, fall back with a warning where they cannot be
 built, and split their work items over threads."""
 
+import multiprocessing
+import os
 import threading
+import time
 
 import pytest
 import torch
@@ -45,3 +48,23 @@ def test_work_items_are_split_into_contiguous_ranges_one_per_thread():
         torch.set_num_threads(threads)
     with pytest.raises(MemoryError, match="kernel test"):
         native.run_parts(lambda part, first, last: 1, 4, 2, "test")
+
+
+def _split_in_child(queue):
+    seen = []
+    native.run_parts(lambda part, first, last: seen.append((first, last)) or 0, 4, 2, "test")
+    queue.put(sorted(seen))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_gets_its_own_threads():
+    """A data-loader worker forked after the parent ran a kernel on threads must not wait on the parent's pool."""
+    # the parent's pool with both threads started (each busy when the next item comes), both idle at the fork
+    native.run_parts(lambda part, first, last: time.sleep(0.2) or 0, 4, 2, "test")
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_split_in_child, args=(queue,), daemon=True)
+    child.start()
+    assert queue.get(timeout=30) == [(0, 2), (2, 4)]
+    child.join(timeout=60)
+    assert child.exitcode == 0

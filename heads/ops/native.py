@@ -82,6 +82,10 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="dinov3-heads-kernel")
 
 
+if hasattr(os, "register_at_fork"):  # a forked child (a data-loader worker) has none of its parent's threads
+    os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 def threads_for(items: int) -> int:
     """How many parts ``run_parts`` makes of ``items`` work items: at most ``torch.get_num_threads()``."""
     return max(1, min(torch.get_num_threads(), items))
