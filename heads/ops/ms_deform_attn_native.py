@@ -14,10 +14,10 @@ from torch import Tensor
 
 from . import native
 
-_COMMON = [native.POINTER] * 5
-_SIZES = [native.INT] * 6 + [native.INT] * 2  # spatial, heads, dim, queries, levels, points; item range
-_FORWARD = _COMMON + _SIZES + [native.POINTER]
-_BACKWARD = _COMMON + [native.POINTER] + _SIZES + [native.POINTER] * 3
+_COMMON = (native.POINTER,) * 5
+_SIZES = (native.INT,) * 8  # spatial, heads, dim, queries, levels, points; the range of work items
+_FORWARD = _COMMON + _SIZES + (native.POINTER,)
+_BACKWARD = _COMMON + (native.POINTER,) + _SIZES + (native.POINTER,) * 3
 
 
 def kernels(flags: tuple[str, ...] = ()):

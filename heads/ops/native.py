@@ -27,19 +27,22 @@ import torch
 
 CSRC = Path(__file__).parent / "csrc"
 SWITCH = "DINOV3_HEADS_CPU_KERNELS"  # "0": never build or use the compiled kernels
-POINTER, INT, c_int32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+POINTER, INT, INT32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 
 
-def kernel(source: str, function: str, argtypes: list, flags: tuple[str, ...] = ()):
+def kernel(source: str, function: str, argtypes: tuple, flags: tuple[str, ...] = ()):
     """``function`` of ``csrc/<source>.cpp`` built with extra compiler ``flags`` (none: every version), typed with
     ``argtypes`` and returning an ``int`` status; ``None`` where it cannot be built or ``SWITCH`` is "0"."""
-    if os.environ.get(SWITCH, "1") == "0":
-        return None
+    return None if os.environ.get(SWITCH, "1") == "0" else _entry(source, function, argtypes, flags)
+
+
+@lru_cache(maxsize=None)
+def _entry(source: str, function: str, argtypes: tuple, flags: tuple[str, ...]):
     library = _build(source, flags)
     if library is None:
         return None
     entry = getattr(library, function)
-    entry.restype, entry.argtypes = ctypes.c_int, argtypes
+    entry.restype, entry.argtypes = ctypes.c_int, list(argtypes)
     return entry
 
 

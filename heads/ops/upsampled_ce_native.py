@@ -8,8 +8,8 @@ import torch
 from . import native
 
 TILE = 16  # output columns per work item: TILE in the source
-_ARGS = ([native.POINTER] * 5 + [native.INT] + [native.POINTER] * 2 + [native.INT] * 6 + [native.c_int32]
-         + [native.INT] * 2 + [native.POINTER] * 3)
+_ARGS = ((native.POINTER,) * 5 + (native.INT,) + (native.POINTER,) * 2 + (native.INT,) * 6 + (native.INT32,)
+         + (native.INT,) * 2 + (native.POINTER,) * 3)
 
 
 def rows_kernel(flags: tuple[str, ...] = ()):
