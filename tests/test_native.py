@@ -37,7 +37,7 @@ def test_work_items_are_split_into_contiguous_ranges_one_per_thread():
         names.add(threading.current_thread().name)
         return 0
 
-    native.run_parts(call, 10, 3, "test")
+    native.run_parts(call, 10, "test", 3)
     assert sorted(seen) == [(0, 0, 3), (1, 3, 6), (2, 6, 10)]
     assert len(names) >= 1 and all(name.startswith("dinov3-heads-kernel") for name in names)
     threads = torch.get_num_threads()
@@ -47,12 +47,12 @@ def test_work_items_are_split_into_contiguous_ranges_one_per_thread():
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(MemoryError, match="kernel test"):
-        native.run_parts(lambda part, first, last: 1, 4, 2, "test")
+        native.run_parts(lambda part, first, last: 1, 4, "test", 2)
 
 
 def _split_in_child(queue):
     seen = []
-    native.run_parts(lambda part, first, last: seen.append((first, last)) or 0, 4, 2, "test")
+    native.run_parts(lambda part, first, last: seen.append((first, last)) or 0, 4, "test", 2)
     queue.put(sorted(seen))
 
 
@@ -60,7 +60,7 @@ def _split_in_child(queue):
 def test_a_forked_child_gets_its_own_threads():
     """A data-loader worker forked after the parent ran a kernel on threads must not wait on the parent's pool."""
     # the parent's pool with both threads started (each busy when the next item comes), both idle at the fork
-    native.run_parts(lambda part, first, last: time.sleep(0.2) or 0, 4, 2, "test")
+    native.run_parts(lambda part, first, last: time.sleep(0.2) or 0, 4, "test", 2)
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_split_in_child, args=(queue,), daemon=True)

@@ -48,7 +48,7 @@ class CompiledMSDeformAttn(torch.autograd.Function):
         inputs = [t.data_ptr() for t in (value, shapes, starts, locations, weights)]
         items = b * m
         native.run_parts(lambda part, first, last: kernels[0](*inputs, *sizes, first, last, out.data_ptr()),
-                         items, native.threads_for(items), "ms_deform_attn_forward")
+                         items, "ms_deform_attn_forward")
         ctx.save_for_backward(value, shapes, starts, locations, weights)
         ctx.kernels, ctx.sizes = kernels, sizes
         return out.view(b, q, m * d)
@@ -65,5 +65,5 @@ class CompiledMSDeformAttn(torch.autograd.Function):
         outputs = [grad_value.data_ptr()] + [0 if t is None else t.data_ptr() for t in (grad_locations, grad_weights)]
         items = value.shape[0] * value.shape[1]
         native.run_parts(lambda part, first, last: ctx.kernels[1](*inputs, *ctx.sizes, first, last, *outputs),
-                         items, native.threads_for(items), "ms_deform_attn_backward")
+                         items, "ms_deform_attn_backward")
         return grad_value.transpose(1, 2), None, None, grad_locations, grad_weights, None

@@ -94,9 +94,11 @@ def threads_for(items: int) -> int:
     return max(1, min(torch.get_num_threads(), items))
 
 
-def run_parts(call: Callable[[int, int, int], int], items: int, threads: int, name: str) -> None:
-    """Split ``items`` work items into ``threads`` contiguous ranges and run ``call(part, first, last)`` on each, one
-    per thread. A non-zero status is an allocation failure inside the kernel ``name``."""
+def run_parts(call: Callable[[int, int, int], int], items: int, name: str, threads: int | None = None) -> None:
+    """Split ``items`` work items into ``threads`` (default ``threads_for(items)``) contiguous ranges and run
+    ``call(part, first, last)`` on each, one per thread. A non-zero status is an allocation failure inside the kernel
+    ``name``."""
+    threads = threads or threads_for(items)
     bounds = [items * i // threads for i in range(threads + 1)]
     if threads == 1:
         codes = [call(0, 0, items)]

@@ -46,5 +46,5 @@ def rows(kernel, logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor
                       height, width, restart, int(need_grad), first, last, norms.data_ptr(), picked.data_ptr(),
                       grads[part].data_ptr() if need_grad else 0)
 
-    native.run_parts(call, items, threads, "upsampled_ce_rows")
+    native.run_parts(call, items, "upsampled_ce_rows", threads)
     return norms, picked, grads.sum(0).permute(0, 3, 1, 2) if need_grad else None
